@@ -1,0 +1,610 @@
+"""Corrupted Image Modeling (Fang et al., ICLR 2023), step by step, in the order the data flows.
+
+One pre-training step (Fig. 1b, Sec. 2):
+
+    clean image ─► frozen tokenizer encoder ─► golden tokens g                 (Sec. 2.1)
+    clean image ─► patch embeddings ─► mask m ─► small BEiT ─► p_BEiT          (Eq. 1)
+    p_BEiT ─► sample ─► x_corrupted = replace(g, m, x_sampled)                 (Eq. 2)
+    x_corrupted ─► frozen tokenizer decoder ─► corrupted image                 (Sec. 2.3)
+    corrupted image ─► enhancer (ViT or ResNet-50) ─► RESPIX or REVDET head    (Sec. 2.2)
+    loss = generator MIM loss + enhancer weight × enhancer loss                 (Table 9)
+
+The tokenizer (DALL-E dVAE or a small trained one) lives in dvae.py; training plumbing in train.py/engine.py.
+Usage:
+    tok = dvae.load_tokenizer('dalle/')                   # encoder.pkl + decoder.pkl
+    model = CIM(tok, arch='vit_base', task='respix')
+    out = model(imgs_224_normalized, imgs_112_in_0_1)     # dict: loss, gen_loss, mim_acc, enh_loss, ...
+    out['loss'].backward()
+"""
+import math
+import random
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHS = ('vit_tiny', 'vit_small', 'vit_base', 'resnet50')
+TASKS = ('respix', 'revdet')
+VIT_CONFIGS = {'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),   # DeiT-Ti / timm vit_tiny_patch16_224
+               'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
+               'vit_base': dict(embed_dim=768, depth=12, num_heads=12)}
+NO_WEIGHT_DECAY_KEYS = ('bias', 'norm', 'bn', 'downsample.1', 'pos_embed', 'cls_token', 'mask_token')
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. Masking (Eq. 1): k of the n patch positions, k uniform in [k_min, k_max] (paper: 100-120 of 196)
+
+def mask_count_range(num_patches, mask_ratio):
+    """(k_min, k_max) for n patches and a ratio range; (100/196, 120/196) gives (100, 120) at n = 196."""
+    k_min, k_max = round(mask_ratio[0] * num_patches), round(mask_ratio[1] * num_patches)
+    if not 0 < k_min <= k_max < num_patches:
+        raise ValueError(f"mask ratio {mask_ratio} masks {k_min}..{k_max} of {num_patches} patches; "
+                         f"need 0 < min <= max < {num_patches}")
+    return k_min, k_max
+
+
+def random_mask(batch_size, num_patches, mask_ratio=(100 / 196, 120 / 196), device=None):
+    """Random masking (Eq. 1, Table 4 'Random'): each image masks its own k ~ U{k_min..k_max} positions.
+
+    Returns mask: [B, N] bool, True = masked. Every position is equally likely; no host sync.
+    """
+    k_min, k_max = mask_count_range(num_patches, mask_ratio)
+    k = torch.randint(k_min, k_max + 1, (batch_size, 1), device=device)
+    rank = torch.rand(batch_size, num_patches, device=device).argsort(dim=1).argsort(dim=1)  # a random permutation
+    return rank < k
+
+
+def blockwise_mask(num_masked, grid, min_block=16, min_aspect=0.3, rng=None):
+    """BEiT's blockwise masking (Table 4 'Blockwise'; BEiT Alg. 1): rectangles of >= min_block patches with
+    aspect ratio in [min_aspect, 1/min_aspect] until about num_masked patches are masked (never more).
+
+    A Python loop over blocks, as in BEiT: call it in data-loader workers, not in the training step.
+    Returns mask: [grid*grid] bool.
+    """
+    rng = rng or random
+    mask = np.zeros((grid, grid), dtype=bool)
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    while mask.sum() < num_masked:
+        budget, added = num_masked - int(mask.sum()), 0
+        for _ in range(10):  # BEiT tries 10 rectangles for each block
+            area = rng.uniform(min(min_block, budget), max(min_block, budget))
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if 0 < h < grid and 0 < w < grid:
+                top, left = rng.randint(0, grid - h), rng.randint(0, grid - w)
+                new = h * w - int(mask[top:top + h, left:left + w].sum())
+                if 0 < new <= budget:
+                    mask[top:top + h, left:left + w] = True
+                    added = new
+                    break
+        if added == 0:
+            break
+    return torch.from_numpy(mask.reshape(-1))
+
+
+def masked_positions(mask, k):
+    """Indices of the masked positions first, k of them per image (k >= the largest mask count).
+
+    mask: [B, N] bool -> (pos: [B, k] long, valid: [B, k] bool). Lets the generator head and the softmax
+    run on k (e.g. 120) instead of N (196) positions without a host sync; `valid` is False on padding.
+    """
+    pos = mask.byte().argsort(dim=1, descending=True, stable=True)[:, :k]
+    return pos, mask.gather(1, pos)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. Transformer parts: a vanilla ViT (Dosovitskiy et al.) with timm's parameter names; used by the generator too
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patches -> linear embeddings. imgs: [B, C, H, W] -> [B, N, D]."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
+        super().__init__()
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid ** 2
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # x: [B, L, D]
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, D/heads]
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block; no LayerScale, dropout or drop-path in pre-training (Table 9)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_vit_weights(module):
+    """timm/BEiT practice (the paper is silent): truncated normal std 0.02 for linears, LayerNorm = identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class VisionTransformer(nn.Module):
+    """Vanilla ViT (1-D absolute position embedding, cls token, no LayerScale, no relative position bias).
+
+    State-dict names and shapes equal timm's VisionTransformer (`vit_small_patch16_224`, ...), so the weights load
+    there. num_classes=0 gives `head = Identity` (pre-training); finetune.py sets a classifier.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 num_classes=0):
+        super().__init__()
+        self.embed_dim, self.num_heads, self.patch_size = embed_dim, num_heads, patch_size
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
+        init_vit_weights(self)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward_tokens(self, imgs):
+        """imgs: [B, 3, H, W] -> tokens after the final norm: [B, 1 + N, D] (cls first)."""
+        x = self.patch_embed(imgs)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.norm(self.blocks(x))
+
+    def forward(self, imgs):
+        """Classification on the average-pooled patch tokens (see finetune.py for why). -> [B, num_classes]."""
+        return self.head(self.forward_tokens(imgs)[:, 1:].mean(dim=1))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. Generator: a small trainable BEiT (Sec. 2.1) that predicts the golden tokens at masked positions
+
+class Generator(nn.Module):
+    """Small BEiT: patch embeddings, [MASK] embedding at masked positions, `depth` blocks, linear head to the
+    tokenizer vocabulary (Sec. 2.1). Depth 4 by default (Table 5, 4-7 allowed); width = the ViT enhancer's, or
+    384 for ResNet (Table 9). `shared` = (patch_embed, first blocks) taken from the ViT enhancer (Table 5).
+    """
+
+    def __init__(self, img_size, patch_size, vocab_size, embed_dim, depth=4, num_heads=None, shared=None):
+        super().__init__()
+        num_heads = num_heads or embed_dim // 64
+        own_patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
+        blocks = [Block(embed_dim, num_heads) for _ in range(depth)]
+        init_vit_weights(nn.ModuleList(blocks + [own_patch_embed]))
+        if shared is not None:  # the very same modules as the enhancer's: updated by both losses
+            own_patch_embed, shared_blocks = shared
+            blocks[:len(shared_blocks)] = list(shared_blocks)
+        self.patch_embed = own_patch_embed
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, vocab_size)
+        init_vit_weights(nn.ModuleList([self.norm, self.head]))
+        for p in (self.cls_token, self.pos_embed, self.mask_token):
+            nn.init.trunc_normal_(p, std=0.02)
+
+    def forward(self, imgs, mask, pos=None):
+        """imgs: [B, 3, H, W] normalized, mask: [B, N] bool, pos: [B, k] positions to predict (default all)
+        -> logits [B, k, vocab]. x_masked = replace(x, m, [MASK]) is Eq. 1."""
+        x = self.patch_embed(imgs)                                      # [B, N, D]
+        w = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w               # Eq. 1: replace(x, m, [MASK])
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        x = x[:, 1:]
+        if pos is not None:
+            x = x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return self.head(self.norm(x))
+
+
+def mim_loss(logits, golden, valid):
+    """BEiT's MIM objective (Sec. 2.3): cross-entropy of the golden tokens at the masked positions.
+
+    logits: [B, k, V], golden: [B, k] long, valid: [B, k] bool -> (loss, accuracy), 0-dim tensors.
+    """
+    ce = F.cross_entropy(logits.float().flatten(0, 1), golden.flatten(), reduction='none').view_as(golden)
+    n = valid.sum().clamp(min=1)
+    acc = ((logits.argmax(-1) == golden) & valid).sum() / n
+    return (ce * valid).sum() / n, acc
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. Sampling (Eq. 2) and replacement
+
+@torch.no_grad()
+def sample_tokens(logits, strategy='softmax', temperature=1.0):
+    """x_sampled ~ p_BEiT (Eq. 2). logits: [..., V] -> tokens [...] long; no gradient flows through sampling.
+
+    'softmax': draw from softmax(logits / T) (T = 1 in the paper), done as Gumbel-max: argmax(logits/T + Gumbel
+    noise) has exactly the softmax distribution (Table 7's 'Gumbel sampling'). 'argmax' and 'uniform' (over the
+    codebook) are Table 7's ablations, both reported to diverge.
+    """
+    if strategy == 'softmax':
+        gumbel = -torch.empty_like(logits, dtype=torch.float32).exponential_().log()
+        return (logits.float() / temperature + gumbel).argmax(-1)
+    if strategy == 'argmax':
+        return logits.argmax(-1)
+    if strategy == 'uniform':
+        return torch.randint(logits.shape[-1], logits.shape[:-1], device=logits.device)
+    raise ValueError(f"unknown sampling strategy '{strategy}' (choose softmax, argmax or uniform)")
+
+
+def replace_tokens(golden, mask, sampled):
+    """x_corrupted = replace(g, m, x_sampled) (Eq. 2), and the REVDET labels.
+
+    golden, sampled: [B, N] long, mask: [B, N] bool -> (corrupted [B, N] long, replaced [B, N] bool).
+    A token is 'replaced' only where it differs from the golden one: a sample that equals the golden token
+    counts as original (Sec. 2.2, as in ELECTRA).
+    """
+    corrupted = torch.where(mask, sampled, golden)
+    return corrupted, corrupted != golden
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. Decode: the frozen tokenizer decoder maps corrupted tokens back to an image (Sec. 2.1, 2.3)
+
+@torch.no_grad()
+def decode_tokens(tokenizer, tokens, grid, out_size, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """tokens: [B, N] -> corrupted image [B, 3, out_size, out_size], normalized like the clean enhancer view.
+
+    The decoder gives grid * downsample pixels (112 for DALL-E at 14x14 tokens); we upsample bilinearly to the
+    enhancer resolution (the paper does not say which; bilinear is BEiT's default resize). Under no_grad: the
+    enhancer's gradient never reaches the generator (Sec. 2.3).
+    """
+    imgs = tokenizer.decode(tokens.view(-1, grid, grid))               # [B, 3, s, s] in [0, 1]
+    if imgs.shape[-1] != out_size:
+        imgs = F.interpolate(imgs, size=(out_size, out_size), mode='bilinear', align_corners=False)
+    m = torch.tensor(mean, device=imgs.device, dtype=imgs.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=imgs.device, dtype=imgs.dtype).view(1, 3, 1, 1)
+    return (imgs - m) / s
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. Enhancers (Sec. 2.2): a vanilla ViT or torchvision's ResNet-50, plus a one-layer prediction head
+
+def build_enhancer(arch, img_size=224, patch_size=16):
+    """The network being pre-trained, without classifier: cim.VisionTransformer or torchvision resnet50."""
+    if arch in VIT_CONFIGS:
+        return VisionTransformer(img_size, patch_size, **VIT_CONFIGS[arch])
+    if arch == 'resnet50':
+        net = torchvision.models.resnet50()  # unchanged (footnote 5); the classifier is unused in pre-training
+        net.fc = nn.Identity()
+        return net
+    raise ValueError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
+
+
+def enhancer_feature_map(enhancer, imgs):
+    """Final feature map of an enhancer. imgs: [B, 3, H, W] -> [B, D, h, w]
+    (ViT: patch tokens after the final norm, h = H / patch; ResNet-50: layer4, h = H / 32)."""
+    if isinstance(enhancer, VisionTransformer):
+        x = enhancer.forward_tokens(imgs)[:, 1:]
+        g = imgs.shape[-1] // enhancer.patch_size
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], g, g)
+    r = enhancer
+    x = r.maxpool(r.relu(r.bn1(r.conv1(imgs.contiguous(memory_format=torch.channels_last)))))
+    return r.layer4(r.layer3(r.layer2(r.layer1(x))))
+
+
+def pooled_features(enhancer, imgs):
+    """Global features for kNN / linear probing. imgs: [B, 3, H, W] -> [B, D] (mean over the feature map)."""
+    return enhancer_feature_map(enhancer, imgs).float().mean(dim=(2, 3))
+
+
+class PixelShuffleHead(nn.Module):
+    """'The prediction head is a simple linear layer' (Sec. 2.2): one nn.Linear applied at every location of the
+    feature map, its out_chans * r * r outputs rearranged (pixel shuffle) onto an r-times finer grid.
+
+    ViT: r = patch size (RESPIX, 3 channels) or 1 (REVDET). ResNet-50: r = 32 (RESPIX, onto pixels) or
+    32 / patch (REVDET, onto the token grid). feats: [B, D, h, w] -> [B, out_chans, r*h, r*w].
+    """
+
+    def __init__(self, dim, out_chans, upscale):
+        super().__init__()
+        self.upscale = upscale
+        self.proj = nn.Linear(dim, out_chans * upscale ** 2)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, feats):
+        x = self.proj(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # per-location linear
+        return F.pixel_shuffle(x, self.upscale)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 7. RESPIX (Sec. 2.2): regress all pixels of the clean image, normalized in 8x8 sliding windows (Fig. 4, Table 6)
+
+def sliding_window_stats(imgs, window=8, eps=1e-6):
+    """Mean and std of the window x window pixels (all channels) 'centered' on each pixel.
+
+    imgs: [B, C, H, W] -> (mean, std), each [B, 1, H, W]. For the even window 8, pixel i uses rows/cols
+    i-4 .. i+3. Border rule: windows are cut at the image border and use only the pixels inside
+    (count_include_pad=False). Channels are pooled and std is unbiased, like MAE's per-patch normalization.
+    """
+    x = imgs.float()
+    H, W = x.shape[-2:]
+    pool = dict(kernel_size=window, stride=1, padding=window // 2)
+    mean = F.avg_pool2d(x.mean(1, keepdim=True), count_include_pad=False, **pool)[..., :H, :W]
+    sq_mean = F.avg_pool2d((x ** 2).mean(1, keepdim=True), count_include_pad=False, **pool)[..., :H, :W]
+    inside = F.avg_pool2d(torch.ones_like(x[:1, :1]), count_include_pad=True, **pool)[..., :H, :W]
+    n = inside * window ** 2 * x.shape[1]  # pixel values in each (cut) window
+    return mean, ((sq_mean - mean ** 2).clamp(min=0) * n / (n - 1) + eps).sqrt()
+
+
+def patch_stats(imgs, patch_size=16, eps=1e-6):
+    """MAE's statistics (Table 6 'non-overlap window'): mean and unbiased std of each non-overlapping
+    patch_size x patch_size patch, all channels together, spread over its pixels. -> ([B, 1, H, W]) x 2."""
+    x = imgs.float()
+    n = patch_size ** 2 * x.shape[1]
+    mean = F.avg_pool2d(x.mean(1, keepdim=True), patch_size)
+    sq_mean = F.avg_pool2d((x ** 2).mean(1, keepdim=True), patch_size)
+    std = ((sq_mean - mean ** 2).clamp(min=0) * n / (n - 1) + eps).sqrt()
+    return (F.interpolate(mean, scale_factor=patch_size, mode='nearest'),
+            F.interpolate(std, scale_factor=patch_size, mode='nearest'))
+
+
+def window_stats(imgs, norm='sliding', patch_size=16):
+    """The (mean, std) that the RESPIX target divides out (Table 6): 'sliding' 8x8, 'patch' (MAE) or 'none'."""
+    if norm == 'sliding':
+        return sliding_window_stats(imgs, 8)
+    if norm == 'patch':
+        return patch_stats(imgs, patch_size)
+    if norm == 'none':
+        return torch.zeros_like(imgs[:, :1], dtype=torch.float32), torch.ones_like(imgs[:, :1], dtype=torch.float32)
+    raise ValueError(f"unknown RESPIX target normalization '{norm}' (choose sliding, patch or none)")
+
+
+def respix_target(imgs, norm='sliding', patch_size=16):
+    """The RESPIX regression target: the clean, mean/std-normalized enhancer view [B, 3, H, W], each pixel
+    normalized by its window's statistics (Sec. 2.2: 8x8 sliding window)."""
+    mean, std = window_stats(imgs, norm, patch_size)
+    return (imgs.float() - mean) / std
+
+
+def respix_loss(pred, target):
+    """l1 + l2 pixel regression loss (Sec. 2.3), each a mean over all pixels. pred, target: [B, 3, H, W]."""
+    pred = pred.float()
+    return F.l1_loss(pred, target) + F.mse_loss(pred, target)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 8. REVDET (Sec. 2.2): detect, for every token, whether the generator replaced it
+
+def revdet_loss(logits, replaced):
+    """Per-token binary cross-entropy. logits: [B, N], replaced: [B, N] bool -> (loss, accuracy)."""
+    logits = logits.float()
+    acc = ((logits > 0) == replaced).float().mean()
+    return F.binary_cross_entropy_with_logits(logits, replaced.float()), acc
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 9. One step: generator and enhancer trained simultaneously (Sec. 2.3)
+
+class CIM(nn.Module):
+    """Generator + enhancer around a frozen tokenizer. forward(enhancer view, tokenizer view) -> losses, metrics.
+
+    arch: vit_tiny | vit_small | vit_base | resnet50; task: respix | revdet. Defaults are Table 9's.
+    """
+
+    def __init__(self, tokenizer, arch='vit_base', task='respix', img_size=224, patch_size=16, in_chans=3,
+                 gen_depth=4, gen_width=None, mask_ratio=(100 / 196, 120 / 196), mask_type='random',
+                 sampling='softmax', temperature=1.0, target_norm='sliding', share_layers=True,
+                 enhancer_weight=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
+        if mask_type not in ('random', 'block'):
+            raise ValueError(f"unknown mask type '{mask_type}' (choose random or block)")
+        if in_chans != 3 or img_size % patch_size:
+            raise ValueError(f"image size {img_size} must be a multiple of the patch size {patch_size} "
+                             f"(and images RGB)")
+        sample_tokens(torch.zeros(1, 2), sampling)  # validates the strategy name
+        respix_target(torch.zeros(1, 3, patch_size, patch_size), target_norm, patch_size)  # validates the name
+        self.arch, self.task, self.img_size, self.patch_size = arch, task, img_size, patch_size
+        self.grid = img_size // patch_size
+        self.num_patches = self.grid ** 2
+        self.mask_ratio, self.mask_type = tuple(mask_ratio), mask_type
+        self.k_min, self.k_max = mask_count_range(self.num_patches, mask_ratio)
+        self.sampling, self.temperature, self.target_norm = sampling, temperature, target_norm
+        self.enhancer_weight = enhancer_weight if enhancer_weight is not None else (10.0 if task == 'respix' else 1.0)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+        self.tokenizer = tokenizer.eval().requires_grad_(False)  # frozen (Fig. 1b lock icon)
+        self.enhancer = build_enhancer(arch, img_size, patch_size)
+        is_vit = isinstance(self.enhancer, VisionTransformer)
+        if not is_vit and img_size % 32:
+            raise ValueError(f"resnet50 needs an image size divisible by 32, got {img_size}")
+        if not is_vit and 32 % patch_size:
+            raise ValueError(f"resnet50 REVDET/RESPIX heads need a patch size dividing 32, got {patch_size}")
+        width = gen_width or (self.enhancer.embed_dim if is_vit else 384)
+        shared = None
+        if share_layers and is_vit:  # Table 5: share the patch embedding and the first 2 blocks
+            if width != self.enhancer.embed_dim or gen_depth < 2:
+                raise ValueError(f"weight sharing needs generator width = enhancer width "
+                                 f"({self.enhancer.embed_dim}) and depth >= 2; use --no-share otherwise")
+            shared = (self.enhancer.patch_embed, self.enhancer.blocks[:2])
+        heads = self.enhancer.num_heads if (is_vit and width == self.enhancer.embed_dim) else max(1, width // 64)
+        self.generator = Generator(img_size, patch_size, tokenizer.vocab_size, width, gen_depth, heads, shared)
+
+        feat_dim, feat_grid = (self.enhancer.embed_dim, self.grid) if is_vit else (2048, img_size // 32)
+        out_grid, out_chans = (img_size, 3) if task == 'respix' else (self.grid, 1)
+        self.head = PixelShuffleHead(feat_dim, out_chans, out_grid // feat_grid)
+
+    def make_mask(self, batch_size, device):
+        """[B, N] bool for one batch (random on device; blockwise on CPU, better done in data workers)."""
+        if self.mask_type == 'random':
+            return random_mask(batch_size, self.num_patches, self.mask_ratio, device)
+        return torch.stack([blockwise_mask(random.randint(self.k_min, self.k_max), self.grid)
+                            for _ in range(batch_size)]).to(device)
+
+    def check_inputs(self, imgs, tok_imgs):
+        s = self.grid * self.tokenizer.downsample
+        if imgs.dim() != 4 or imgs.shape[1:] != (3, self.img_size, self.img_size):
+            raise ValueError(f"enhancer view must be [B, 3, {self.img_size}, {self.img_size}], got {list(imgs.shape)}")
+        if tok_imgs.dim() != 4 or tok_imgs.shape[1:] != (3, s, s) or tok_imgs.shape[0] != imgs.shape[0]:
+            raise ValueError(f"tokenizer view must be [B, 3, {s}, {s}] ({self.grid}x{self.grid} tokens x "
+                             f"{self.tokenizer.downsample}), got {list(tok_imgs.shape)}")
+
+    def generate(self, imgs, tok_imgs, mask):
+        """Generator half: golden tokens, MIM logits at the masked positions, and their loss/accuracy."""
+        golden = self.tokenizer.encode(tok_imgs).flatten(1)             # [B, N] (Sec. 2.1), no grad
+        k = self.k_max if self.mask_type == 'random' else self.num_patches
+        pos, valid = masked_positions(mask, k)                          # [B, k]
+        logits = self.generator(imgs, mask, pos)                        # [B, k, V]
+        gen_loss, mim_acc = mim_loss(logits, golden.gather(1, pos), valid)
+        return golden, pos, logits, gen_loss, mim_acc
+
+    @torch.no_grad()
+    def corrupt(self, golden, mask, pos, logits, out_size):
+        """Eq. 2 then decode: sample at the masked positions, replace, decode. -> (corrupted tokens, replaced, image)."""
+        sampled = golden.scatter(1, pos, sample_tokens(logits, self.sampling, self.temperature))
+        corrupted, replaced = replace_tokens(golden, mask, sampled)
+        image = decode_tokens(self.tokenizer, corrupted, self.grid, out_size, self.mean, self.std)
+        return corrupted, replaced, image
+
+    def forward(self, imgs, tok_imgs, mask=None, return_vis=False):
+        """imgs: [B, 3, S, S] enhancer view (mean/std-normalized), tok_imgs: [B, 3, s, s] the same crop in [0, 1]
+        at s = grid * tokenizer.downsample, mask: optional [B, N] bool (True = masked).
+        Returns {'loss', 'gen_loss', 'mim_acc', 'enh_loss', 'replaced_frac', ('det_acc' for REVDET)} (+ 'vis'):
+        0-dim tensors; loss = gen_loss + enhancer_weight * enh_loss, and those three carry the graph."""
+        self.check_inputs(imgs, tok_imgs)
+        mask = self.make_mask(imgs.shape[0], imgs.device) if mask is None else mask.to(imgs.device, torch.bool)
+        golden, pos, logits, gen_loss, mim_acc = self.generate(imgs, tok_imgs, mask)
+        corrupted, replaced, corrupted_imgs = self.corrupt(golden, mask, pos, logits, self.img_size)
+
+        pred = self.head(enhancer_feature_map(self.enhancer, corrupted_imgs))  # Sec. 2.2
+        out = dict(gen_loss=gen_loss, mim_acc=mim_acc, replaced_frac=replaced.float().mean())
+        if self.task == 'respix':
+            target = respix_target(imgs, self.target_norm, self.patch_size)
+            enh_loss = respix_loss(pred, target)
+        else:
+            target = replaced
+            enh_loss, out['det_acc'] = revdet_loss(pred.flatten(1), replaced)
+        out['enh_loss'] = enh_loss
+        out['loss'] = gen_loss + self.enhancer_weight * enh_loss
+        if return_vis:
+            out['vis'] = dict(imgs=imgs.detach(), tok_imgs=tok_imgs, mask=mask, golden=golden, corrupted=corrupted,
+                              replaced=replaced, corrupted_imgs=corrupted_imgs, pred=pred.detach(), target=target)
+        return out
+
+    def features(self, imgs):
+        """Pooled enhancer features for kNN / linear probing. imgs: [B, 3, S, S] normalized -> [B, D]."""
+        return pooled_features(self.enhancer, imgs)
+
+    def enhancer_state_dict(self):
+        """The pre-trained backbone alone, in timm (ViT) / torchvision (ResNet-50) naming, without classifier."""
+        return {k: v.detach().clone() for k, v in self.enhancer.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 10. Figures (PNG): Fig. 2 corrupted samples, Fig. 3 enhancer outputs, Fig. 4 normalization templates
+
+def unnormalize(imgs, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """[B, 3, H, W] mean/std-normalized -> [0, 1]."""
+    m = torch.tensor(mean, device=imgs.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=imgs.device).view(1, 3, 1, 1)
+    return (imgs.float() * s + m).clamp(0, 1)
+
+
+def masked_view(imgs, mask, grid):
+    """imgs: [B, 3, H, W] in [0, 1], mask: [B, N] -> the generator's view with masked patches grey."""
+    m = mask.view(-1, 1, grid, grid).float()
+    m = F.interpolate(m, size=imgs.shape[-2:], mode='nearest')
+    return imgs.float() * (1 - m) + 0.5 * m
+
+
+def _rescale(x):
+    """Per-image min-max to [0, 1] (for showing normalized targets)."""
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    return (x - lo) / (hi - lo).clamp(min=1e-6)
+
+
+def _save_grid(path, columns):
+    """columns: list of [B, 3, H, W] in [0, 1] -> one PNG, one row per image, columns left to right."""
+    size = max(c.shape[-1] for c in columns)
+    cols = [F.interpolate(c.float().cpu(), size=(size, size), mode='nearest') for c in columns]
+    grid = torch.stack(cols, dim=1).flatten(0, 1)
+    torchvision.utils.save_image(grid, path, nrow=len(columns), padding=2, pad_value=1.0)
+
+
+@torch.no_grad()
+def save_fig2(path, model, imgs, tok_imgs, n_samples=4, mask=None):
+    """Fig. 2: original, masked, and n_samples corrupted images sampled from one masked input."""
+    model.check_inputs(imgs, tok_imgs)
+    mask = model.make_mask(imgs.shape[0], imgs.device) if mask is None else mask.to(imgs.device, torch.bool)
+    golden, pos, logits, _, _ = model.generate(imgs, tok_imgs, mask)
+    s = tok_imgs.shape[-1]
+    samples = [unnormalize(model.corrupt(golden, mask, pos, logits, s)[2], model.mean, model.std)
+               for _ in range(n_samples)]
+    _save_grid(path, [tok_imgs, masked_view(tok_imgs, mask, model.grid)] + samples)
+
+
+def respix_to_pixels(pred, imgs, norm='sliding', patch_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """RESPIX prediction -> pixels in [0, 1] for display: undo the window normalization with the clean image's
+    statistics (the paper's footnote 1: 'we have to inject the original image's information')."""
+    w_mean, w_std = window_stats(imgs, norm, patch_size)
+    return unnormalize(pred.float() * w_std + w_mean, mean, std)
+
+
+@torch.no_grad()
+def save_fig3(path, model, vis):
+    """Fig. 3: original, masked, corrupted image, enhancer output (RESPIX: un-normalized back to pixels;
+    REVDET: the corrupted image with tokens the enhancer calls 'replaced' tinted red)."""
+    imgs, tok_imgs = vis['imgs'], vis['tok_imgs']
+    original = unnormalize(imgs, model.mean, model.std)
+    corrupted = unnormalize(vis['corrupted_imgs'], model.mean, model.std)
+    if model.task == 'respix':
+        output = respix_to_pixels(vis['pred'], imgs, model.target_norm, model.patch_size, model.mean, model.std)
+    else:
+        p = torch.sigmoid(vis['pred'].float()).view(-1, 1, model.grid, model.grid)
+        p = F.interpolate(p, size=corrupted.shape[-2:], mode='nearest')
+        red = torch.tensor([1.0, 0.0, 0.0], device=p.device).view(1, 3, 1, 1)
+        output = corrupted * (1 - 0.6 * p) + red * 0.6 * p
+    _save_grid(path, [original, masked_view(original, vis['mask'], model.grid), corrupted, output])
+
+
+@torch.no_grad()
+def save_fig4(path, imgs, patch_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Fig. 4: original, MAE's non-overlapping-window template, CIM's sliding-window template."""
+    _save_grid(path, [unnormalize(imgs, mean, std), _rescale(respix_target(imgs, 'patch', patch_size)),
+                      _rescale(respix_target(imgs, 'sliding'))])
