@@ -1,0 +1,930 @@
+"""ImageNet-1K evaluation of CIM-pre-trained backbones (Sec. 3.2): end-to-end fine-tuning (Tables 1-2 with the
+recipes of Tables 10-11), linear probing (MAE's protocol) and kNN, with the paper's settings as defaults.
+
+    # ViT-B/16, Table 10 (8 GPUs x 128 = batch 1024); rerunning the same command resumes
+    torchrun --nproc_per_node=8 finetune.py --arch vit_base --init out/vitb_respix/enhancer.pth \\
+        --data /imagenet --output-dir out/ft_vitb
+    # ResNet-50, Table 11: --recipe 100 | 300 | 600 (8 x 256 = batch 2048, binary cross-entropy)
+    torchrun --nproc_per_node=8 finetune.py --arch resnet50 --recipe 300 --init out/r50_revdet/enhancer.pth \\
+        --data /imagenet --output-dir out/ft_r50_300
+    # the from-scratch baselines of Tables 1-2
+    torchrun --nproc_per_node=8 finetune.py --arch resnet50 --recipe 100 --init none --data /imagenet
+    # linear probe (frozen backbone, BatchNorm + linear, 90 epochs) and kNN (k = 20) of the pooled features
+    torchrun --nproc_per_node=8 finetune.py --linear-probe --arch vit_base --init enhancer.pth --data /imagenet
+    torchrun --nproc_per_node=8 finetune.py --knn --arch vit_base --init enhancer.pth --data /imagenet
+    # the built-in demo: fine-tunes train.py's demo checkpoint on Fashion-MNIST, next to random init
+    python train.py && python finetune.py
+
+--data holds train/<class>/<image> and val/<class>/<image> (ImageNet layout). --init reads a train.py checkpoint (its
+enhancer), a `train.py --export` backbone, or a torchvision / timm state dict; `--init none` starts from scratch.
+"""
+import argparse
+import copy
+import contextlib
+import functools
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2 as v2
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.ops import StochasticDepth
+from torchvision.transforms import InterpolationMode
+from tqdm import tqdm
+
+import cim
+import engine
+from engine import autocast, is_main  # the shared section below uses them as engine.py will
+
+
+# ---- shared with segment.py: to move into engine.py ----
+# Pre-trained weights, layer-wise lr decay, stochastic depth, lr schedules, distributed evaluation. Generic: nothing
+# here reads finetune.py's globals. engine.py needs these imports in addition to its own: functools, torchvision,
+# `from torchvision.ops import StochasticDepth`, `from tqdm import tqdm`.
+
+def read_weights(path):
+    """The state dict in a weights file -> (state dict, args dict or {}), every supported layout unwrapped:
+    a train.py checkpoint ({'model': CIM state, 'args'}: its 'enhancer.*' weights, the backbone), a `train.py --export`
+    file, a torchvision / timm state dict, the {'model': ...} / {'state_dict': ...} / 'module.' wrappers of MAE, BEiT,
+    DeiT and DDP, and 'backbone.*' weights (a linear probe, mmseg). Raises FileNotFoundError / ValueError (one line)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file '{path}' does not exist")
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or a pickle of arbitrary objects
+        raise ValueError(f"'{path}' is not a readable weights file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    meta = {}
+    if isinstance(obj, dict):
+        for key in ('model', 'state_dict'):
+            if isinstance(obj.get(key), dict):
+                meta = obj['args'] if isinstance(obj.get('args'), dict) else {}
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"'{path}' holds no state dict (a dict of parameter names to tensors)")
+    state = {k.removeprefix('module.'): v for k, v in obj.items()}
+    for prefix in ('enhancer.', 'backbone.'):  # CIM checkpoint: the enhancer is the backbone (Sec. 2.3)
+        if any(k.startswith(prefix) for k in state):
+            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}, meta
+    return state, meta
+
+
+def weights_family(state):
+    """'vit' (timm names), 'resnet' (torchvision names) or None: which kind of network a state dict belongs to."""
+    if 'patch_embed.proj.weight' in state or any(k.startswith('blocks.0.') for k in state):
+        return 'vit'
+    if 'conv1.weight' in state or any(k.startswith('layer1.0.') for k in state):
+        return 'resnet'
+    return None
+
+
+def interpolate_pos_embed(pos_embed, num_patches):
+    """ViT position embeddings for another square grid (BEiT / MAE practice: bicubic on the grid, cls kept).
+    pos_embed: [1, 1 + n0, D] -> [1, 1 + num_patches, D]."""
+    g0, g = math.isqrt(pos_embed.shape[1] - 1), math.isqrt(num_patches)
+    if g0 * g0 != pos_embed.shape[1] - 1 or g * g != num_patches:
+        raise ValueError(f'cannot resize position embeddings of {pos_embed.shape[1] - 1} patches to {num_patches}: '
+                         f'square grids (with a cls token) only')
+    grid = pos_embed[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(g, g), mode='bicubic', align_corners=False)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)], dim=1)
+
+
+def load_pretrained(model, state, source='weights', classifier=('head.', 'fc.'), verbose=True):
+    """Copies a backbone state dict into model (cim's ViT or a torchvision ResNet, with or without classifier).
+
+    Every backbone parameter and buffer of the model must be in `state` with its shape: a missing one, another
+    network family (ResNet weights into a ViT), another width, depth or patch size raises ValueError, because a
+    half-loaded backbone gives silently wrong results. ViT position embeddings of another grid are interpolated.
+    The classifier (names starting with `classifier`) loads only if its shape fits. Keys under modules the model
+    lacks (MAE's decoder, BEiT's mask token, ...) are ignored. Prints what was left out. -> (missing, ignored).
+    """
+    own = model.state_dict()
+    family, theirs = weights_family(own), weights_family(state)
+    if theirs is None:
+        raise ValueError(f"{source} holds neither ViT nor ResNet weights (keys such as {', '.join(list(state)[:3])})")
+    if theirs != family:
+        raise ValueError(f'{source} holds {theirs} weights but the model is a {family}')
+    state = dict(state)
+    if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
+        if state['pos_embed'].shape[-1] == own['pos_embed'].shape[-1]:
+            state['pos_embed'] = interpolate_pos_embed(state['pos_embed'], own['pos_embed'].shape[1] - 1)
+    is_head = lambda k: k.startswith(classifier)  # noqa: E731
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    for k in sorted(mismatched, key=lambda k: k != 'patch_embed.proj.weight'):  # that one tells width and patch
+        if not is_head(k):
+            raise ValueError(f'{source} does not fit the model: {k} is {list(state[k].shape)} there and '
+                             f'{list(own[k].shape)} here (another architecture, width or patch size?)')
+        del state[k]  # a classifier for another number of classes
+    modules = {k.split('.')[0] for k in own}
+    structural = [k for k in state if k not in own and k.split('.')[0] in modules and not is_head(k)]
+    missing = [k for k in own if k not in state]
+    if structural or any(not is_head(k) for k in missing):
+        bad = structural or [k for k in missing if not is_head(k)]
+        raise ValueError(f"{source} does not fit the model: {'unexpected' if structural else 'missing'} "
+                         f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} ({len(bad)} keys; another "
+                         f"architecture or depth?)")
+    ignored = [k for k in state if k not in own]
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if verbose and is_main():
+        print(f'loaded {len(own) - len(missing)} tensors from {source}; missing (trained from scratch): '
+              f"{missing or 'none'}; ignored: {ignored or 'none'}")
+    return missing, ignored
+
+
+def vit_layer_id(name, depth, prefix=''):
+    """BEiT's layer id of a ViT parameter, for layer-wise lr decay: the patch / position / cls / mask embeddings 0,
+    blocks.i -> i + 1, everything else (final norm, classifier, decoder) depth + 1. `prefix`: the ViT's place in
+    the model ('backbone.'); parameters outside it count as 'everything else'."""
+    if not name.startswith(prefix):
+        return depth + 1
+    parts = name[len(prefix):].split('.')
+    if parts[0] in ('patch_embed', 'pos_embed', 'cls_token', 'mask_token'):
+        return 0
+    if parts[0] == 'blocks':
+        return int(parts[1]) + 1
+    return depth + 1
+
+
+def layer_decay(depth, decay, prefix=''):
+    """Layer-wise lr decay (BEiT; Clark et al. 2020) as lr_scale(name) for param_groups():
+    decay ** (depth + 1 - layer id), so the classifier gets the full lr and the embeddings decay ** (depth + 1)."""
+    return lambda name: decay ** (depth + 1 - vit_layer_id(name, depth, prefix))
+
+
+def _drop_branch(drop, module, inputs, output):
+    return drop(output)
+
+
+def add_stochastic_depth(model, rate):
+    """Stochastic depth (Huang et al. 2016) on the residual branches of every ViT block (attention and MLP) or
+    torchvision ResNet block (its last BatchNorm, before the shortcut is added), the drop probability rising
+    linearly from 0 at the first block to `rate` at the last (timm / BEiT: linspace(0, rate, depth)).
+
+    Done with forward hooks and a parameter-free torchvision StochasticDepth submodule `block.drop_path`: the state
+    dict keeps timm's / torchvision's names, and model.train() / eval() switch it. Whole samples are dropped ('row');
+    the kept ones are scaled by 1 / (1 - p). -> model.
+    """
+    resnet_blocks = (torchvision.models.resnet.Bottleneck, torchvision.models.resnet.BasicBlock)
+    blocks = [m for m in model.modules() if all(hasattr(m, a) for a in ('norm1', 'attn', 'norm2', 'mlp'))
+              or isinstance(m, resnet_blocks)]
+    for i, block in enumerate(blocks):
+        p = rate * i / max(1, len(blocks) - 1)
+        if p == 0:
+            continue
+        block.drop_path = StochasticDepth(p, 'row')
+        ends = ((block.bn3,) if isinstance(block, torchvision.models.resnet.Bottleneck) else (block.bn2,)) \
+            if isinstance(block, resnet_blocks) else (block.attn, block.mlp)
+        for m in ends:
+            m.register_forward_hook(functools.partial(_drop_branch, block.drop_path))
+    return model
+
+
+def poly_lr(step, total_steps, peak_lr, power=0.9, min_lr=0.0, warmup_steps=0):
+    """Polynomial decay (mmseg's 'poly'): min_lr + (peak_lr - min_lr) * (1 - step / total_steps) ** power, times a
+    linear warmup factor (step + 1) / warmup_steps over the first warmup_steps steps."""
+    lr = min_lr + (peak_lr - min_lr) * (1 - min(step, total_steps) / total_steps) ** power
+    return lr * (step + 1) / warmup_steps if step < warmup_steps else lr
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation order: rank r reads indices r, r + W, r + 2W, ... of n, so every image is seen exactly once over
+    all W ranks (DistributedSampler pads with repeats, which would count some images twice)."""
+
+    def __init__(self, n, num_replicas=1, rank=0):
+        if n < num_replicas:
+            raise ValueError(f'{n} evaluation images cannot be spread over {num_replicas} processes')
+        self.indices = range(rank, n, num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+@torch.no_grad()
+def evaluate(fn, loader, device, dtype=None, desc='eval'):
+    """Sums of fn(inputs, targets) -> {name: tensor} over every batch of loader and over all ranks.
+
+    fn returns per-batch sums (correct counts, loss sums, confusion matrices) and runs under autocast; inputs and
+    targets are the first two items of each batch, on device. Use a ShardSampler so each sample counts once.
+    -> {name: float64 tensor}; the caller divides. One all_reduce per name, at the end.
+    """
+    sums = {}
+    for batch in tqdm(loader, desc=desc, disable=not is_main(), leave=False, dynamic_ncols=True):
+        inputs, targets = (b.to(device, non_blocking=True) for b in batch[:2])
+        with autocast(device, dtype):
+            out = fn(inputs, targets)
+        for k, v in out.items():
+            v = torch.as_tensor(v, device=device).detach().to(torch.float64)
+            sums[k] = sums[k] + v if k in sums else v
+    for k in sorted(sums):
+        if dist.is_initialized():
+            dist.all_reduce(sums[k])
+    return sums
+
+
+def all_gather_rows(x):
+    """Rows of every rank, in rank order: x [n_r, ...] (n_r may differ) -> [sum of n_r, ...]; x without a group."""
+    if not dist.is_initialized():
+        return x
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[:len(x)] = x
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def atomic_save(obj, path):
+    """torch.save to a temp file, fsync, rename: `path` is always either the old or the new complete file."""
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+# ---- end of the section shared with segment.py ----
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Recipes: Table 10 (ViT), Table 11 (ResNet-50, three columns), MAE's linear probe. Flags left unset take these.
+
+COMMON = dict(warmup_epochs=5, betas=(0.9, 0.999), clip_grad=0.0, min_lr=1e-6, min_crop_scale=0.08,
+              randaug_ops=2, randaug_mstd=0.5, crop_ratio=0.95, layer_decay=1.0, repeated_aug=1, reprob=0.0)
+VIT_RECIPE = dict(COMMON, epochs=100, ref_batch=1024, batch_size=128, weight_decay=0.05, layer_decay=0.8,
+                  drop_path=0.1, smoothing=0.1, mixup=0.8, cutmix=1.0, randaug=9, loss='ce',
+                  reprob=0.25)  # random erasing: Table 10 is silent, BEiT's (and MAE's) default
+VIT_LR = {('vit_base', 'respix'): 3e-3, ('vit_base', 'revdet'): 5e-3}  # Table 10; ViT-S/Ti: 3e-3 (or 4e-3)
+RESNET_RECIPES = {  # Table 11: 100 / 300 / 600 epochs (RSB A3 / A2 / A1 with AdamW); ref batch 8 x 256 = 2048
+    r: dict(COMMON, epochs=r, ref_batch=2048, batch_size=256, blr=12e-3, loss='bce', cutmix=1.0, drop_path=dp,
+            weight_decay=wd, input_size=size, randaug=m, mixup=mix, smoothing=ls, repeated_aug=ra)
+    for r, wd, size, m, mix, ls, ra, dp in ((100, 0.02, 160, 6, 0.1, 0.1, 1, 0.0), (300, 0.02, 224, 7, 0.1, 0.0, 3, 0.0),
+                                            (600, 0.01, 224, 7, 0.2, 0.1, 3, 0.05))}
+PROBE_RECIPE = dict(COMMON, epochs=90, warmup_epochs=10, ref_batch=16384, batch_size=2048, blr=6.4, weight_decay=0.0,
+                    min_lr=0.0, drop_path=0.0, smoothing=0.0, mixup=0.0, cutmix=0.0, randaug=0, loss='ce',
+                    crop_ratio=0.875)  # MAE linear probe: base lr 0.1 per 256 images, batch 16384, RRC + flip only
+
+
+def get_args_parser():
+    p = engine.ArgumentParser(description='Fine-tuning, linear probing and kNN of CIM-pre-trained backbones (Fang et '
+                                          'al., ICLR 2023). Unset flags: the recipe (Table 10 ViT, Table 11 ResNet-50, '
+                                          'MAE linear probe).', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group('model')
+    g.add_argument('--arch', default='vit_base', choices=cim.ARCHS)
+    g.add_argument('--init', metavar='PATH', default=None, help="pre-trained weights (train.py checkpoint or --export, "
+                   "torchvision / timm state dict) or 'none' (from scratch); demo: out/demo/checkpoint-last.pth")
+    g.add_argument('--patch-size', type=int, default=16)
+    g.add_argument('--linear-probe', action='store_true', help='frozen backbone, BatchNorm1d + linear (MAE)')
+    g.add_argument('--knn', action='store_true', help='evaluation only: kNN top-1 of the pooled features')
+    g.add_argument('--knn-k', type=int, default=20)
+    g.add_argument('--knn-t', type=float, default=0.07, help='kNN vote temperature')
+    g = p.add_argument_group('recipe (unset: Table 10 / Table 11 column / MAE linear probe)')
+    g.add_argument('--recipe', type=int, default=None, choices=sorted(RESNET_RECIPES),
+                   help='resnet50: Table 11 column (fine-tuning epochs); default 300')
+    g.add_argument('--epochs', type=int, help='ViT-B 100, ViT-S 200; R50 = --recipe; probe 90')
+    g.add_argument('--warmup-epochs', type=int, help='5; probe 10')
+    g.add_argument('--batch-size', type=int, help='per GPU (process): ViT 128, R50 256, probe 2048 (x 8 GPUs)')
+    g.add_argument('--accum-iter', type=int, default=1, help='gradient accumulation steps')
+    g.add_argument('--blr', type=float, help='peak lr at the reference batch, scaled linearly: ViT-B 3e-3 (RESPIX) / '
+                                             '5e-3 (REVDET) at 1024, ViT-S 3e-3; R50 12e-3 at 2048; probe 6.4 at 16384')
+    g.add_argument('--ref-batch', type=int, help='the total batch --blr refers to: ViT 1024, R50 2048, probe 16384')
+    g.add_argument('--lr', type=float, help='absolute peak lr (overrides --blr)')
+    g.add_argument('--min-lr', type=float, help='end of the cosine decay (BEiT: 1e-6; probe 0)')
+    g.add_argument('--weight-decay', type=float, help='ViT 0.05; R50 0.02 / 0.02 / 0.01; probe 0')
+    g.add_argument('--layer-decay', type=float, help='ViT 0.8 (BEiT layer ids); 1 = off (R50, probe)')
+    g.add_argument('--betas', type=float, nargs=2, help='AdamW (0.9, 0.999)')
+    g.add_argument('--clip-grad', type=float, help='global grad-norm clip; 0 = off (Tables 10-11)')
+    g.add_argument('--drop-path', type=float, help='stochastic depth at the last block: ViT 0.1; R50 0 / 0 / 0.05')
+    g.add_argument('--smoothing', type=float, help='label smoothing: ViT 0.1; R50 0.1 / 0 / 0.1')
+    g.add_argument('--mixup', type=float, help='mixup alpha: ViT 0.8; R50 0.1 / 0.1 / 0.2 (0 = off)')
+    g.add_argument('--cutmix', type=float, help='cutmix alpha: 1.0 (0 = off)')
+    g.add_argument('--randaug', type=int, help='RandAugment magnitude (0-10, timm scale; 0 = off): ViT 9; R50 6 / 7 / 7')
+    g.add_argument('--randaug-ops', type=int, help='RandAugment ops per image (2)')
+    g.add_argument('--randaug-mstd', type=float, help='RandAugment magnitude std (0.5)')
+    g.add_argument('--reprob', type=float, help='random erasing probability: ViT 0.25 (BEiT); R50 0')
+    g.add_argument('--repeated-aug', type=int, help='copies per image (Berman et al. 2019): R50 1 / 3 / 3; 1 = off')
+    g.add_argument('--loss', choices=('ce', 'bce'), help='ViT: soft-target cross-entropy; R50: binary CE (RSB)')
+    g.add_argument('--input-size', type=int, help='training resolution: 224; R50 160 / 224 / 224')
+    g.add_argument('--test-size', type=int, help='evaluation resolution (224)')
+    g.add_argument('--crop-ratio', type=float, help='evaluation: resize to test-size / ratio, center crop (0.95; '
+                                                    'probe 0.875)')
+    g.add_argument('--min-crop-scale', type=float, help='RandomResizedCrop scale (0.08, 1)')
+    g = p.add_argument_group('system')
+    g.add_argument('--data', metavar='DIR', help='folder with train/<class>/* and val/<class>/*; none: the demo')
+    g.add_argument('--output-dir', default=None, help='default: out/ft_<arch>, out/probe_<arch>, out/demo_ft')
+    g.add_argument('--resume', metavar='CKPT', default=None, help='default: OUTPUT_DIR/checkpoint-last.pth if present')
+    g.add_argument('--amp', default='bf16', choices=('bf16', 'fp16', 'none'))
+    g.add_argument('--num-workers', type=int, default=10)
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--log-every', type=int, default=50, help='steps between log.jsonl lines')
+    g.add_argument('--save-every-steps', type=int, default=1000, help='also saved at every epoch end')
+    g.add_argument('--max-bad-steps', type=int, default=20, help='stop after this many consecutive non-finite steps')
+    p.add_argument('--stop-after-steps', type=int, default=0, help=argparse.SUPPRESS)  # tests: a preemption
+    p.add_argument('--demo-images', type=int, nargs=2, default=None, help=argparse.SUPPRESS)  # tests: tiny demo
+    return p
+
+
+def recipe_for(args):
+    """The recipe dict for these flags (arch, --recipe, --linear-probe), before flags override it."""
+    if args.linear_probe or args.knn:
+        return dict(PROBE_RECIPE)
+    if args.arch == 'resnet50':
+        return dict(RESNET_RECIPES[args.recipe or 300])
+    r = dict(VIT_RECIPE, epochs=100 if args.arch == 'vit_base' else 200)
+    r['blr'] = VIT_LR.get((args.arch, args.task), 3e-3)
+    return r
+
+
+def apply_recipe(args, recipe):
+    """Unset (None) flags take the recipe's value. -> the names taken, for the run's header line."""
+    taken = []
+    for k, v in recipe.items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+            taken.append(k)
+    args.test_size = args.test_size or 224
+    args.input_size = args.input_size or 224
+    return taken
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Data: the training and evaluation views, repeated augmentation
+
+class RandAugment(v2.RandAugment):
+    """timm's 'rand-m{M}-mstd{S}' with torchvision's operations: 2 ops per image at magnitude M on timm's 0-10 scale
+    (torchvision bins of 0.1 up to 10, so M = 10 is each op's maximum), M drawn per image from N(M, S) clipped to
+    [0, 10] (timm draws per op). Severity increases with M for every op, as timm's 'inc1'."""
+
+    def __init__(self, num_ops, magnitude, mstd, fill):
+        super().__init__(num_ops=num_ops, magnitude=0, num_magnitude_bins=101, fill=fill,
+                         interpolation=InterpolationMode.BICUBIC)
+        self.mean_magnitude, self.mstd = magnitude, mstd
+
+    def forward(self, *inputs):
+        m = self.mean_magnitude + self.mstd * float(torch.randn(()))
+        self.magnitude = int(round(min(max(m, 0.0), 10.0) * 10))
+        return super().forward(*inputs)
+
+
+def train_transform(size, min_scale=0.08, randaug=0, randaug_ops=2, randaug_mstd=0.5, reprob=0.0,
+                    mean=cim.IMAGENET_MEAN, std=cim.IMAGENET_STD):
+    """PIL image -> [3, size, size] normalized: RandomResizedCrop (bicubic) + flip, RandAugment, random erasing
+    (timm's 'pixel' mode: Gaussian noise). The BEiT / RSB pipelines with torchvision.transforms.v2."""
+    ops = [v2.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC),
+           v2.RandomHorizontalFlip()]
+    if randaug > 0:
+        ops.append(RandAugment(randaug_ops, randaug, randaug_mstd, fill=[round(255 * m) for m in mean]))
+    ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if reprob > 0:
+        ops.append(v2.RandomErasing(reprob, value='random'))
+    return v2.Compose(ops + [v2.ToPureTensor()])
+
+
+def eval_transform(size, crop_ratio=0.95, mean=cim.IMAGENET_MEAN, std=cim.IMAGENET_STD):
+    """Tables 10-11's test view: resize the short side to size / crop_ratio (bicubic), center crop size."""
+    return v2.Compose([v2.Resize(int(size / crop_ratio), interpolation=InterpolationMode.BICUBIC),
+                       v2.CenterCrop(size), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(mean), list(std)), v2.ToPureTensor()])
+
+
+def image_folders(root, train_tf, val_tf):
+    """root/train and root/val ImageFolders with the same classes -> (train, val, class names)."""
+    for split in ('train', 'val'):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise FileNotFoundError(f"'{os.path.join(root, split)}' does not exist: --data must hold train/<class>/"
+                                    f"<image> and val/<class>/<image> (the ImageNet layout)")
+    train, val = engine.ImageFiles(os.path.join(root, 'train'), train_tf), engine.ImageFiles(os.path.join(root, 'val'),
+                                                                                             val_tf)
+    for split, ds in (('train', train), ('val', val)):
+        if not ds.classes:
+            raise ValueError(f"'{os.path.join(root, split)}' holds images but no class folders: sort them into "
+                             f"{split}/<class>/ (for ImageNet val, e.g. with the usual valprep.sh)")
+    if train.classes != val.classes:
+        extra = sorted(set(train.classes) ^ set(val.classes))
+        raise ValueError(f"train/ and val/ under '{root}' have different class folders ({len(train.classes)} vs "
+                         f"{len(val.classes)}; e.g. {', '.join(extra[:3])})")
+    return train, val, train.classes
+
+
+class Repeated(torch.utils.data.Dataset):
+    """`repeats` copies of a dataset: item r * N + i is item i (so each copy gets its own SeededDataset seed)."""
+
+    def __init__(self, dataset, repeats):
+        self.dataset, self.repeats = dataset, repeats
+
+    def __len__(self):
+        return len(self.dataset) * self.repeats
+
+    def __getitem__(self, j):
+        return self.dataset[j % len(self.dataset)]
+
+
+class RepeatAugSampler(torch.utils.data.Sampler):
+    """Repeated augmentation (Hoffer et al. 2020; Berman et al. 2019; DeiT's RASampler), resumable.
+
+    Each epoch draws num_images // repeats images (rounded down to a multiple of the number of ranks), so an epoch
+    keeps about the dataset's length, as in DeiT / timm. Each image appears `repeats` times, as indices into
+    Repeated(dataset, repeats) (copy r of image i is r * N + i); consecutive copies go to consecutive ranks, so the
+    copies land on different ranks in the same step (when repeats <= ranks) and every rank gets the same count.
+    set_epoch(epoch, start_batch) as engine.ResumableSampler.
+    """
+
+    def __init__(self, num_images, batch_size, num_replicas=1, rank=0, repeats=3, seed=0):
+        self.n, self.batch_size, self.num_replicas, self.rank = num_images, batch_size, num_replicas, rank
+        self.repeats, self.seed, self.epoch, self.start_batch = repeats, seed, 0, 0
+        self.num_unique = num_images // repeats // num_replicas * num_replicas
+        self.num_samples = self.num_unique * repeats // num_replicas  # per rank
+        if self.num_samples == 0:
+            raise ValueError(f'{num_images} images are too few for repeated augmentation x{repeats} on '
+                             f'{num_replicas} processes')
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        images = torch.randperm(self.n, generator=g)[:self.num_unique]
+        copies = images.repeat_interleave(self.repeats) + torch.arange(self.repeats).repeat(self.num_unique) * self.n
+        return iter(copies[self.rank::self.num_replicas][self.start_batch * self.batch_size:].tolist())
+
+    def __len__(self):
+        return self.num_samples - self.start_batch * self.batch_size
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Models: the classifier on the backbone, and the linear probe
+
+def build_classifier(arch, num_classes, img_size=224, patch_size=16, drop_path=0.0):
+    """The backbone (cim.build_enhancer) with a fresh num_classes classifier and stochastic depth.
+
+    ViT: logits = head(mean of the patch tokens after the final norm) (cim.VisionTransformer.forward; timm's
+    global_pool='avg', fc_norm=False, so the names are timm's). Why not the cls token: CIM's losses read only the
+    patch tokens (Sec. 2.2), so the cls token is never trained to summarize the image, and BEiT / MAE fine-tune with
+    mean pooling too. Unlike BEiT's fc_norm (a fresh LayerNorm after pooling), the pre-trained final norm is kept:
+    every pre-trained weight is used and only the head is new. The head starts near zero (std 2e-5, MAE / BEiT).
+    ResNet-50: torchvision's, `fc` (default init) on the global average pool.
+    """
+    model = cim.build_enhancer(arch, img_size, patch_size)
+    if isinstance(model, cim.VisionTransformer):
+        model.head = nn.Linear(model.embed_dim, num_classes)
+        nn.init.trunc_normal_(model.head.weight, std=2e-5)
+        nn.init.zeros_(model.head.bias)
+    else:
+        model.fc = nn.Linear(2048, num_classes)
+    return add_stochastic_depth(model, drop_path)
+
+
+class LinearProbe(nn.Module):
+    """MAE's linear probe: the frozen backbone's pooled features (cim.pooled_features) -> BatchNorm1d without affine
+    parameters (it only standardizes the features) -> Linear. The backbone stays in eval mode, without gradients."""
+
+    def __init__(self, backbone, num_classes):
+        super().__init__()
+        dim = backbone.embed_dim if isinstance(backbone, cim.VisionTransformer) else 2048
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, imgs):  # imgs: [B, 3, H, W] -> [B, num_classes]
+        with torch.no_grad():
+            feats = cim.pooled_features(self.backbone, imgs)
+        return self.head(feats)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Targets and losses: mixup / cutmix (torchvision v2), label smoothing, soft-target CE or binary CE (RSB)
+
+def make_mixer(mixup, cutmix, num_classes):
+    """Batch mixing as timm's Mixup(mixup_alpha, cutmix_alpha, switch_prob=0.5, mode='batch'): each batch one of
+    torchvision's MixUp / CutMix, chosen with equal probability (alpha 0 leaves one out). None when both are off."""
+    mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, mixup), (v2.CutMix, cutmix)) if a > 0]
+    return v2.RandomChoice(mixers) if mixers else None
+
+
+def mix_targets(imgs, labels, mixer, num_classes, smoothing=0.0):
+    """imgs: [B, 3, H, W], labels: [B] long -> (imgs, targets [B, num_classes] float32, rows summing to 1).
+
+    The batch is shuffled first (torchvision pairs each image with its neighbour; with repeated augmentation the
+    neighbour would often be a copy of the same image). CutMix weights each label by its pasted area, MixUp by
+    lambda. Label smoothing: targets * (1 - smoothing) + smoothing / num_classes, equal to timm's smoothing before
+    mixing (the map is linear)."""
+    if mixer is not None:
+        perm = torch.randperm(len(labels)).to(labels.device, non_blocking=True)
+        imgs, targets = mixer(imgs[perm], labels[perm])
+    else:
+        targets = F.one_hot(labels, num_classes)
+    return imgs, targets.float() * (1 - smoothing) + smoothing / num_classes
+
+
+def soft_cross_entropy(logits, targets):
+    """Cross-entropy with soft targets (Table 10), mean over the batch. logits, targets: [B, C]."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+def binary_cross_entropy(logits, targets):
+    """RSB's loss (Table 11): every class an independent sigmoid against its (mixed, smoothed) target weight, mean
+    over the B x C entries (timm's BinaryCrossEntropy). logits, targets: [B, C]."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets)
+
+
+LOSSES = {'ce': soft_cross_entropy, 'bce': binary_cross_entropy}
+
+
+def classification_sums(model):
+    """fn(imgs, labels) for evaluate(): per-batch counts of top-1 / top-5 hits, images, and the CE loss sum."""
+    def fn(imgs, labels):
+        logits = model(imgs).float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+        return dict(n=torch.ones_like(labels).sum(), top1=top[:, 0].sum(), top5=top.any(1).sum(),
+                    loss=F.cross_entropy(logits, labels, reduction='sum'))
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoints: everything needed to continue exactly; checkpoint-best.pth holds the best model by val top-1
+
+SAME_ARGS = ('arch', 'linear_probe', 'num_classes', 'input_size', 'patch_size', 'batch_size', 'accum_iter',
+             'world_size', 'repeated_aug')
+
+
+def save(model, optimizer, scaler, args, epoch, step_in_epoch, log):
+    if not engine.all_finite(model):
+        raise engine.TrainingError(f'the model became non-finite at epoch {epoch} step {step_in_epoch}; kept the '
+                                   f'last good checkpoint in {args.output_dir}')
+    rng = engine.all_gather_objects(engine.rng_state())
+    if engine.is_main():
+        engine.save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                    scaler=scaler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch, rng=rng,
+                                    log=dict(log), args=vars(args)), args.output_dir)
+
+
+def resume(path, model, optimizer, scaler, args, rank, log):
+    """Loads a checkpoint of the same model and batch layout -> (epoch, step_in_epoch); restores RNG states."""
+    state, path = engine.load_checkpoint(path)
+    old = state.get('args', {})
+    diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in SAME_ARGS
+            if old.get(k) != getattr(args, k)]
+    if diff:
+        raise ValueError(f"checkpoint '{path}' was written with {', '.join(diff)}; use the same settings to resume or "
+                         f"another --output-dir")
+    try:
+        model.load_state_dict(state['model'])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint '{path}' does not fit the model: {str(e).splitlines()[1].strip()}") from None
+    optimizer.load_state_dict(state['optimizer'])
+    scaler.load_state_dict(state['scaler'])
+    engine.set_rng_state(state['rng'][rank])
+    log.update(state['log'])
+    if engine.is_main():
+        print(f"resumed from '{path}': epoch {state['epoch']}, step {state['step_in_epoch']}")
+    return state['epoch'], state['step_in_epoch']
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One epoch: micro-batches with gradient accumulation (no_sync until the last), one optimizer step
+
+def train_one_epoch(model, ddp, loader, optimizer, scaler, mixer, sched, epoch, start_step, args, device, dtype, log):
+    """Optimizer steps start_step .. sched['steps_per_epoch'] of one epoch. -> False when told to stop early."""
+    ddp.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    criterion, channels_last = LOSSES[args.loss], args.arch == 'resnet50'
+    metrics, it = engine.Metrics(device), iter(loader)
+    skipped, bad_run = torch.zeros((), device=device), torch.zeros((), device=device)  # on device: no host syncs
+    steps = sched['steps_per_epoch']
+    pbar = tqdm(total=steps, initial=start_step, desc=f'epoch {epoch + 1}/{args.epochs}',
+                disable=not engine.is_main(), dynamic_ncols=True)
+    t_log, n_log = time.time(), 0
+    for step in range(start_step, steps):
+        gstep = epoch * steps + step
+        lr = engine.cosine_lr(gstep, sched['total_steps'], sched['warmup_steps'], sched['lr'], args.min_lr)
+        engine.set_lr(optimizer, lr)
+        for micro in range(args.accum_iter):
+            imgs, labels, n_bad = next(it)
+            imgs, labels = imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if channels_last:
+                imgs = imgs.contiguous(memory_format=torch.channels_last)
+            imgs, targets = mix_targets(imgs, labels, mixer, args.num_classes, args.smoothing)
+            last = micro == args.accum_iter - 1
+            with (ddp.no_sync() if ddp is not model and not last else contextlib.nullcontext()):
+                with engine.autocast(device, dtype):
+                    logits = ddp(imgs)
+                loss = criterion(logits, targets)
+                scaler.scale(loss / args.accum_iter).backward()
+            metrics.update(loss=loss.detach())
+            metrics.add(n_bad_images=n_bad.sum())
+        grad_norm = engine.optimizer_step(optimizer, scaler, params, args.amp, args.clip_grad or None)
+        bad = (~torch.isfinite(grad_norm)).float()  # skipped by the scaler (non-finite loss or gradients)
+        skipped += bad
+        bad_run = (bad_run + 1) * bad
+        metrics.update(grad_norm=grad_norm, lr=lr)
+        pbar.update(1)
+        n_log += 1
+        if (step + 1) % args.log_every == 0 or step + 1 == steps:
+            m = metrics.reduce()
+            n_skipped, n_bad_run = (int(x) for x in torch.stack([skipped, bad_run]).tolist())
+            imgs_s = n_log * args.accum_iter * args.batch_size * args.world_size / (time.time() - t_log)
+            log['n_bad_images'] += int(m.pop('n_bad_images'))
+            log['skipped_steps'] += n_skipped
+            skipped.zero_()
+            if engine.is_main():
+                engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(
+                    epoch=epoch, step=gstep + 1, **m, imgs_per_s=imgs_s, n_bad_images=log['n_bad_images'],
+                    skipped_steps=log['skipped_steps']))
+                pbar.set_postfix(imgs_s=f'{imgs_s:.0f}', loss=f"{m['loss']:.4f}", lr=f'{lr:.2e}')
+            if n_bad_run >= args.max_bad_steps:
+                raise engine.TrainingError(f'{n_bad_run} consecutive steps had a non-finite loss or gradients '
+                                           f'(skipped); stopping at step {gstep + 1}. The last good checkpoint is in '
+                                           f'{args.output_dir}; try a lower --blr')
+            t_log, n_log = time.time(), 0
+        stop = args.stop_after_steps and gstep + 1 >= args.stop_after_steps
+        if stop or (args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < steps):
+            save(model, optimizer, scaler, args, epoch, step + 1, log)
+        if stop:
+            pbar.close()
+            return False
+    pbar.close()
+    return True
+
+
+def validate(model, loader, device, dtype, channels_last=False):
+    """Top-1 / top-5 accuracy (%) and CE loss on the whole validation set (all ranks) -> dict."""
+    model.eval()
+    net = (lambda x: model(x.contiguous(memory_format=torch.channels_last))) if channels_last else model
+    s = evaluate(classification_sums(net), loader, device, dtype, desc='val')
+    n = float(s['n'])
+    return dict(acc1=100 * float(s['top1']) / n, acc5=100 * float(s['top5']) / n, val_loss=float(s['loss']) / n,
+                n_val=int(n))
+
+
+def knn_eval(backbone, train_loader, val_loader, args, device, dtype):
+    """kNN top-1 (%) of the pooled features (cosine, k = 20, T = 0.07, DINO's weighted vote): every rank embeds its
+    shard of both sets, gathers all training features and classifies its validation shard; counts are summed."""
+    backbone.eval()
+    feats = functools.partial(cim.pooled_features, backbone)
+    (a, ya), (b, yb) = (engine.extract_features(feats, loader, device, dtype) for loader in (train_loader, val_loader))
+    a, ya = all_gather_rows(a.to(device)), all_gather_rows(ya.to(device))
+    acc = engine.knn_accuracy(a, ya, b.to(device), yb.to(device), k=args.knn_k, T=args.knn_t)
+    counts = torch.tensor([acc * len(b), len(b)], device=device, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    return 100 * float(counts[0] / counts[1])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One run: data, model, optimizer, the epoch loop with evaluation; the demo runs it twice
+
+def build_data(args, demo):
+    """-> (train dataset, val dataset, class names). Demo: Fashion-MNIST (28 px + 2 px black border = 32 px)."""
+    plain = args.knn  # kNN embeds the training images with the evaluation view
+    train_tf = eval_transform(args.test_size, args.crop_ratio) if plain else train_transform(
+        args.input_size, args.min_crop_scale, args.randaug, args.randaug_ops, args.randaug_mstd, args.reprob)
+    val_tf = eval_transform(args.test_size, args.crop_ratio)
+    if not demo:
+        return image_folders(args.data, train_tf, val_tf)
+    n_train, n_test = args.demo_images or DEMO_IMAGES
+    (x, y), (xt, yt) = engine.fashion_mnist(train=True), engine.fashion_mnist(train=False)
+    return (engine.TensorImages(x[:n_train], y[:n_train], train_tf, pad=2),
+            engine.TensorImages(xt[:n_test], yt[:n_test], val_tf, pad=2), list(engine.FASHION_MNIST_CLASSES))
+
+
+def build_model(args, device):
+    """The network for this mode, with --init loaded: classifier (fine-tuning), LinearProbe, or a bare backbone."""
+    torch.manual_seed(args.seed)
+    if args.knn or args.linear_probe:
+        model = cim.build_enhancer(args.arch, args.input_size, args.patch_size)
+    else:
+        model = build_classifier(args.arch, args.num_classes, args.input_size, args.patch_size, args.drop_path)
+    if args.init != 'none':
+        load_pretrained(model, read_weights(args.init)[0], f"'{args.init}'")
+    return (LinearProbe(model, args.num_classes) if args.linear_probe else model).to(device)
+
+
+def run(args, rank, device, demo=False):
+    """Fine-tunes (or probes, or kNN-evaluates) with fully resolved args -> final metrics dict (None: stopped)."""
+    args.amp, dtype = engine.resolve_amp(args.amp, device)
+    os.makedirs(args.output_dir, exist_ok=True)
+    train_set, val_set, classes = build_data(args, demo)
+    args.num_classes = len(classes)
+    val_loader = torch.utils.data.DataLoader(val_set, args.batch_size, sampler=ShardSampler(len(val_set),
+                                             args.world_size, rank), num_workers=args.num_workers,
+                                             pin_memory=device.type == 'cuda')
+    model = build_model(args, device)
+    if args.knn:
+        train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, num_workers=args.num_workers,
+                                                   sampler=ShardSampler(len(train_set), args.world_size, rank))
+        acc = knn_eval(model, train_loader, val_loader, args, device, dtype)
+        if engine.is_main():
+            print(f'kNN top-1 (k={args.knn_k}, T={args.knn_t}) of {args.arch} ({args.init}): {acc:.2f}% on '
+                  f'{len(val_set)} images, {len(train_set)} training images as neighbours')
+            engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(knn_acc1=acc, init=args.init))
+        return dict(knn_acc1=acc)
+
+    # training data: a seeded view per (epoch, index) for exact resume; repeated augmentation for R50 300 / 600
+    if args.repeated_aug > 1:
+        dataset = engine.SeededDataset(Repeated(train_set, args.repeated_aug), args.seed)
+        sampler = RepeatAugSampler(len(train_set), args.batch_size, args.world_size, rank, args.repeated_aug,
+                                   args.seed)
+    else:
+        dataset = engine.SeededDataset(train_set, args.seed)
+        sampler = engine.ResumableSampler(dataset, args.batch_size, args.world_size, rank, seed=args.seed)
+    loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
+                                         pin_memory=device.type == 'cuda', drop_last=True,
+                                         generator=torch.Generator().manual_seed(args.seed))
+    steps_per_epoch = sampler.num_samples // args.batch_size // args.accum_iter
+    if steps_per_epoch == 0:
+        raise ValueError(f'{len(train_set)} training images give no optimizer step: one needs batch '
+                         f'{args.batch_size} x {args.world_size} processes x {args.accum_iter} accumulation steps')
+
+    # optimizer: AdamW with layer-wise lr decay (ViT) or SGD for the probe; lr scaled linearly from the recipe's batch
+    total_batch = args.batch_size * args.world_size * args.accum_iter
+    peak_lr = args.lr or engine.scaled_lr(args.blr, total_batch, args.ref_batch)
+    vit = isinstance(model.backbone if args.linear_probe else model, cim.VisionTransformer)
+    lr_scale = layer_decay(len(model.blocks), args.layer_decay) \
+        if vit and not args.linear_probe and args.layer_decay != 1 else None
+    groups = engine.param_groups(model, args.weight_decay, cim.NO_WEIGHT_DECAY_KEYS, lr_scale)
+    if args.linear_probe:  # LARS (MAE's) is not in torch; a single linear layer: SGD + momentum (MoCo v3, DINO)
+        optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(args.betas), fused=True)
+    scaler = engine.grad_scaler(device, args.amp)
+    mixer = make_mixer(args.mixup, args.cutmix, args.num_classes)
+    sched = dict(steps_per_epoch=steps_per_epoch, total_steps=args.epochs * steps_per_epoch,
+                 warmup_steps=args.warmup_epochs * steps_per_epoch, lr=peak_lr)
+
+    torch.manual_seed(args.seed + rank)  # from here on, mixing and stochastic depth differ across ranks
+    random.seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    start_epoch, start_step = 0, 0
+    log = dict(n_bad_images=0, skipped_steps=0, best_acc1=-1.0, best_epoch=0, last={})
+    ckpt = args.resume or engine.find_checkpoint(args.output_dir)
+    if ckpt:
+        start_epoch, start_step = resume(ckpt, model, optimizer, scaler, args, rank, log)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None) \
+        if args.world_size > 1 else model
+    if engine.is_main():
+        mode = 'linear probe' if args.linear_probe else 'fine-tuning'
+        print(f"{mode} {args.arch} from {args.init}: {len(train_set)} training / {len(val_set)} val images, "
+              f"{args.num_classes} classes, {steps_per_epoch} steps/epoch x {args.epochs} epochs, total batch "
+              f"{total_batch} ({args.world_size} x {args.batch_size} x {args.accum_iter}), peak lr {peak_lr:.2e}, amp "
+              f"{args.amp}, output {args.output_dir}")
+    channels_last = args.arch == 'resnet50'
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch, start_step * args.accum_iter)
+        dataset.set_epoch(epoch)
+        if not train_one_epoch(model, ddp, loader, optimizer, scaler, mixer, sched, epoch, start_step, args, device,
+                               dtype, log):
+            if engine.is_main():
+                print(f'stopped after step {args.stop_after_steps} (--stop-after-steps)')
+            return None
+        start_step = 0
+        m = validate(model, val_loader, device, dtype, channels_last)
+        log['last'] = dict(epoch=epoch + 1, **m)
+        best = m['acc1'] > log['best_acc1']
+        if best:
+            log['best_acc1'], log['best_epoch'] = m['acc1'], epoch + 1
+        save(model, optimizer, scaler, args, epoch + 1, 0, log)
+        if engine.is_main():
+            if best:
+                atomic_save(dict(model=model.state_dict(), args=vars(args), epoch=epoch + 1, **m),
+                            os.path.join(args.output_dir, 'checkpoint-best.pth'))
+            engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(epoch=epoch + 1, **m))
+            print(f"epoch {epoch + 1}/{args.epochs}: val top-1 {m['acc1']:.2f}%  top-5 {m['acc5']:.2f}%  loss "
+                  f"{m['val_loss']:.4f}  (best top-1 {log['best_acc1']:.2f}% at epoch {log['best_epoch']})")
+    last = log['last']
+    if engine.is_main():
+        print(f"done: {args.arch} {'linear probe' if args.linear_probe else 'fine-tuned'} from {args.init}, last "
+              f"top-1 {last['acc1']:.2f}% top-5 {last['acc5']:.2f}% (epoch {last['epoch']}), best top-1 "
+              f"{log['best_acc1']:.2f}% (epoch {log['best_epoch']}); {args.output_dir}/checkpoint-best.pth, "
+              f"{engine.CHECKPOINT}, log.jsonl")
+    return dict(last, best_acc1=log['best_acc1'], best_epoch=log['best_epoch'])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The built-in demo: Fashion-MNIST, train.py's demo checkpoint vs. random init, the same schedule
+
+DEMO_CHECKPOINT = os.path.join('out', 'demo', engine.CHECKPOINT)
+DEMO_IMAGES = (4000, 2000)  # Fashion-MNIST training / test images used
+DEMO = dict(epochs=2, warmup_epochs=0, batch_size=64, lr=1e-3, mixup=0.0, cutmix=0.0, randaug=0,
+            reprob=0.0, min_crop_scale=0.35, num_workers=1, log_every=20, save_every_steps=0)
+
+
+def demo_setup(args, parser, meta):
+    """No --data: the demo. Flags left at their defaults get demo-scale values; the architecture and resolution are
+    the pre-trained checkpoint's (`meta`: its train.py args; train.py's demo: vit_tiny, 32 px, patch 4)."""
+    changes = {k: v for k, v in DEMO.items() if getattr(args, k) in (None, parser.get_default(k))}
+    if args.linear_probe:
+        changes.pop('lr', None)  # the probe's SGD keeps its own lr
+    if args.arch == parser.get_default('arch'):
+        changes['arch'] = meta.get('arch', 'vit_tiny')
+    if args.input_size is None:
+        changes['input_size'] = changes['test_size'] = meta.get('img_size', 32)
+    if args.patch_size == parser.get_default('patch_size'):
+        changes['patch_size'] = meta.get('patch_size', 4)
+    changes['output_dir'] = args.output_dir or os.path.join('out', 'demo_ft')
+    for k, v in changes.items():
+        setattr(args, k, v)
+    if engine.is_main():
+        print('no --data: running the built-in demo on Fashion-MNIST (28 px gray -> 32 px RGB). Demo scale: ' +
+              ', '.join(f"--{k.replace('_', '-')} {v}" for k, v in changes.items()))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+
+def check_args(args):
+    """User mistakes that would otherwise surface deep inside torch: one clear line each."""
+    if args.recipe is not None and args.arch != 'resnet50':
+        raise ValueError(f'--recipe selects a Table 11 column for resnet50; {args.arch} uses Table 10')
+    if args.knn and args.linear_probe:
+        raise ValueError('--knn and --linear-probe are separate modes; pick one')
+    if (args.knn or args.linear_probe) and args.init == 'none':
+        raise ValueError('--knn / --linear-probe evaluate pre-trained weights: pass --init PATH')
+    for k in ('batch_size', 'accum_iter', 'epochs', 'log_every', 'max_bad_steps', 'repeated_aug', 'input_size',
+              'test_size', 'knn_k'):
+        if getattr(args, k) < 1:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        raise ValueError(f'--warmup-epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}')
+    if not 0 < args.crop_ratio <= 1 or not 0 < args.min_crop_scale <= 1:
+        raise ValueError('--crop-ratio and --min-crop-scale must be in (0, 1]')
+    if not 0 <= args.drop_path < 1 or not 0 <= args.smoothing < 1 or not 0 <= args.reprob <= 1:
+        raise ValueError('--drop-path and --smoothing must be in [0, 1), --reprob in [0, 1]')
+    if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.randaug <= 10:
+        raise ValueError('--mixup / --cutmix must be >= 0 and --randaug in 0..10')
+    if args.arch in cim.VIT_CONFIGS:
+        if args.input_size % args.patch_size:
+            raise ValueError(f'--input-size {args.input_size} is not divisible by --patch-size {args.patch_size}')
+        if args.test_size != args.input_size:
+            raise ValueError(f'a ViT has position embeddings for one resolution: --test-size {args.test_size} must '
+                             f'equal --input-size {args.input_size}')
+
+
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    demo = args.data is None
+    rank, args.world_size, device = engine.init_distributed()
+    if demo:
+        args.init = args.init or DEMO_CHECKPOINT
+        if args.init != 'none' and not os.path.isfile(args.init):
+            raise FileNotFoundError(f"no --data: the demo fine-tunes train.py's demo checkpoint '{args.init}', which "
+                                    f"does not exist; run `python train.py` first or pass --init PATH")
+    elif args.init is None:
+        raise ValueError("--init is required with --data: pre-trained weights (train.py checkpoint or --export, "
+                         "torchvision / timm state dict) or 'none' to train from scratch")
+    meta = read_weights(args.init)[1] if args.init != 'none' else {}
+    if demo:
+        demo_setup(args, parser, meta)
+    args.task = meta.get('task', 'respix')  # Table 10's ViT-B lr depends on the pre-training task
+    taken = apply_recipe(args, recipe_for(args))
+    mode = 'knn' if args.knn else 'probe' if args.linear_probe else 'ft'
+    args.output_dir = args.output_dir or os.path.join('out', f'{mode}_{args.arch}')
+    check_args(args)
+    if engine.is_main():
+        print('recipe: ' + ', '.join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in taken))
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    if not demo:
+        return run(args, rank, device)
+
+    # demo: the same schedule from the pre-trained checkpoint and from random initialization
+    results = {}
+    for name, init in (('pre-trained', args.init), ('random init', 'none')):
+        if init == 'none' and name == 'pre-trained':
+            continue
+        a = copy.copy(args)
+        a.init, a.output_dir = init, os.path.join(args.output_dir, 'scratch' if init == 'none' else 'pretrained')
+        results[name] = run(a, rank, device, demo=True)
+        if results[name] is None:  # --stop-after-steps
+            return None
+    if engine.is_main():
+        key = 'knn_acc1' if args.knn else 'acc1'
+        n_train = (args.demo_images or DEMO_IMAGES)[0]
+        how = 'kNN' if args.knn else f'{args.epochs} epochs on {n_train} training images'
+        print(f'Fashion-MNIST test top-1, {args.arch}, {how}: ' +
+              '  vs  '.join(f'{name} {r[key]:.2f}%' for name, r in results.items()))
+    return results
+
+
+if __name__ == '__main__':
+    engine.run_cli(main)
