@@ -60,18 +60,24 @@ def random_mask(batch_size, num_patches, mask_ratio=(100 / 196, 120 / 196), devi
 
 def blockwise_mask(num_masked, grid, min_block=16, min_aspect=0.3, rng=None):
     """BEiT's blockwise masking (Table 4 'Blockwise'; BEiT Alg. 1): rectangles of >= min_block patches with
-    aspect ratio in [min_aspect, 1/min_aspect] until about num_masked patches are masked (never more).
+    aspect ratio in [min_aspect, 1/min_aspect], h, w < grid, until exactly num_masked patches are masked.
 
+    BEiT stops when 10 tries find no block that fits the remaining budget, a few patches short (and masks nothing
+    on grids too small for a 16-patch block). We keep the count exact, as the paper's 100-120 range asks:
+    min_block is capped to what fits, then smaller blocks fill the remainder, then (rarely) single patches.
     A Python loop over blocks, as in BEiT: call it in data-loader workers, not in the training step.
-    Returns mask: [grid*grid] bool.
+    Returns mask: [grid*grid] bool with exactly num_masked True.
     """
     rng = rng or random
+    if not 0 <= num_masked <= grid * grid:
+        raise ValueError(f'cannot mask {num_masked} of {grid * grid} patches')
     mask = np.zeros((grid, grid), dtype=bool)
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    lo = max(1, min(min_block, num_masked, (grid - 1) ** 2))  # a block must fit: h, w < grid
     while mask.sum() < num_masked:
         budget, added = num_masked - int(mask.sum()), 0
         for _ in range(10):  # BEiT tries 10 rectangles for each block
-            area = rng.uniform(min(min_block, budget), max(min_block, budget))
+            area = rng.uniform(min(lo, budget), max(lo, budget))
             aspect = math.exp(rng.uniform(*log_aspect))
             h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
             if 0 < h < grid and 0 < w < grid:
@@ -82,7 +88,11 @@ def blockwise_mask(num_masked, grid, min_block=16, min_aspect=0.3, rng=None):
                     added = new
                     break
         if added == 0:
-            break
+            if lo == 1:
+                break
+            lo = 1  # where BEiT stops: go on with smaller blocks
+    free = np.flatnonzero(~mask.reshape(-1))  # the last few, if still short: single patches
+    mask.reshape(-1)[rng.sample(list(free), num_masked - int(mask.sum()))] = True
     return torch.from_numpy(mask.reshape(-1))
 
 

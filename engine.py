@@ -334,18 +334,33 @@ def grad_scaler(device, amp):
     return torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if amp == 'fp16' else 1.0)
 
 
+def grad_norm(parameters):
+    """Global L2 norm of the gradients: [0-dim] fp64, finite exactly when every gradient is finite (each
+    tensor's norm is taken in fp64, where squares of finite fp32 gradients cannot overflow)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=torch.float64)
+
+
 def optimizer_step(optimizer, scaler, parameters, amp, clip_grad=None):
-    """Unscale, clip the global grad norm, step (skipped when any gradient is inf/NaN), zero the gradients.
+    """Unscale, clip the global grad norm to clip_grad (None: no clipping), step (skipped when any gradient is
+    inf/NaN), zero the gradients.
 
     -> grad norm before clipping, a 0-dim tensor: non-finite exactly when the step was skipped. Under DDP the
-    gradients are already averaged, so every rank takes the same decision.
+    gradients are already averaged, so every rank takes the same decision. (Not clip_grad_norm_: its fp32 norm
+    overflows to inf on large finite gradients, and without clipping its inf / inf turns them into NaN.)
     """
+    parameters = list(parameters)
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad or float('inf'))
+    norm = grad_norm(parameters)
+    if clip_grad:
+        coef = (clip_grad / (norm + 1e-6)).clamp(max=1.0).float()
+        for p in parameters:
+            if p.grad is not None:
+                p.grad.detach().mul_(coef)
     scaler.step(optimizer)
     scaler.update(None if amp == 'fp16' else 1.0)
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return norm
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -825,7 +825,7 @@ def run(args, rank, device, demo=False):
 
 DEMO_CHECKPOINT = os.path.join('out', 'demo', engine.CHECKPOINT)
 DEMO_IMAGES = (4000, 2000)  # Fashion-MNIST training / test images used
-DEMO = dict(epochs=2, warmup_epochs=0, batch_size=64, lr=1e-3, mixup=0.0, cutmix=0.0, randaug=0,
+DEMO = dict(epochs=3, warmup_epochs=0, batch_size=64, lr=1e-3, mixup=0.0, cutmix=0.0, randaug=0,
             reprob=0.0, min_crop_scale=0.35, num_workers=1, log_every=20, save_every_steps=0)
 
 

@@ -284,14 +284,11 @@ def check_args(args):
 
 
 def build_model(args, tokenizer, device):
-    """The CIM module of Sec. 2 with the command line's settings (ResNet-50 in channels_last)."""
-    model = cim.CIM(tokenizer, args.arch, args.task, args.img_size, args.patch_size, gen_depth=args.gen_depth,
-                    gen_width=args.gen_width, mask_ratio=args.mask_ratio, mask_type=args.mask_type,
-                    sampling=args.sampling, temperature=args.temperature, target_norm=args.target_norm,
-                    share_layers=not args.no_share, enhancer_weight=args.enhancer_weight).to(device)
-    if args.arch == 'resnet50':
-        model.enhancer.to(memory_format=torch.channels_last)
-    return model
+    """The CIM module of Sec. 2 with the command line's settings (cim.py keeps ResNet-50 in channels_last)."""
+    return cim.CIM(tokenizer, args.arch, args.task, args.img_size, args.patch_size, gen_depth=args.gen_depth,
+                   gen_width=args.gen_width, mask_ratio=args.mask_ratio, mask_type=args.mask_type,
+                   sampling=args.sampling, temperature=args.temperature, target_norm=args.target_norm,
+                   share_layers=not args.no_share, enhancer_weight=args.enhancer_weight).to(device)
 
 
 def main(argv=None):
@@ -432,8 +429,6 @@ def demo_eval(model, args, device, dtype):
     loaders = [torch.utils.data.DataLoader(d, batch_size=250) for d in (train, test)]
     torch.manual_seed(args.seed)
     random_init = cim.build_enhancer(args.arch, args.img_size, args.patch_size).to(device).eval()
-    if args.arch == 'resnet50':
-        random_init.to(memory_format=torch.channels_last)
     model.eval()
     knn, probe = {}, {}
     for name, features in (('pre-trained', model.features),

@@ -54,17 +54,24 @@ def _components(mask2d):
     return sizes
 
 
-def test_blockwise_mask_is_contiguous_blocks_and_within_budget():
+def test_blockwise_mask_is_contiguous_blocks_with_the_exact_count():
     rng = random.Random(0)
     for _ in range(50):
         m = cim.blockwise_mask(75, 14, rng=rng)
-        assert m.shape == (196,) and m.dtype == torch.bool
-        assert 60 <= m.sum() <= 75                     # BEiT: close to, never above, the target count
+        assert m.shape == (196,) and m.dtype == torch.bool and m.sum() == 75
         sizes = _components(m.view(14, 14).numpy())
-        assert len(sizes) <= 4 and max(sizes) >= 16    # a few large rectangles' unions (measured: 1-3 pieces)
+        assert len(sizes) <= 5 and max(sizes) >= 16    # a few large rectangles' unions (measured: 1-4 pieces)
     # a random mask with the same count scatters into many pieces (measured: 17-35)
     r = cim.random_mask(1, 196, (75 / 196, 75 / 196))[0]
     assert len(_components(r.view(14, 14).numpy())) > 8
+    # BEiT's loop stops short (31% of 75-patch masks) and masks nothing where a 16-patch block cannot fit; ours
+    # gives every count of the range, on the demo's 8x8 grid and on grids too small for min_block
+    for grid, n in [(14, 100), (14, 120), (8, 26), (8, 33), (4, 8), (4, 10), (2, 3), (1, 0)]:
+        for _ in range(20):
+            m = cim.blockwise_mask(n, grid, rng=rng)
+            assert m.sum() == n and len(_components(m.view(grid, grid).numpy())) <= 4
+    with pytest.raises(ValueError, match='cannot mask'):
+        cim.blockwise_mask(17, 4)
 
 
 def test_masked_positions_lists_masked_first():

@@ -141,6 +141,18 @@ def test_optimizer_step_clips_and_skips_non_finite(amp):
     assert scaler.get_scale() == (2.0 ** 15 if amp == 'fp16' else 1.0)  # fp16 backs off; bf16/fp32 stays at 1
 
 
+@pytest.mark.parametrize('clip', [None, 1e30])
+def test_optimizer_step_with_huge_finite_gradients_stays_finite(clip):
+    # squares of 1e25 overflow fp32: clip_grad_norm_ reports inf and, without clipping (inf / inf), writes NaN
+    lin = nn.Linear(4, 1, bias=False)
+    opt = torch.optim.SGD(lin.parameters(), lr=1e-30)
+    scaler = engine.grad_scaler(CPU, 'bf16')
+    scaler.scale(lin(torch.full((1, 4), 1e25)).sum()).backward()        # weight.grad = [1e25] * 4
+    norm = engine.optimizer_step(opt, scaler, list(lin.parameters()), 'bf16', clip_grad=clip)
+    assert norm.item() == pytest.approx(2e25, rel=1e-6)                    # the true norm, not inf
+    assert torch.isfinite(lin.weight).all() and not torch.equal(lin.weight, torch.zeros(1, 4))
+
+
 def test_fused_adamw_skip_leaves_optimizer_state_alone():
     lin = nn.Linear(3, 2)
     opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)
@@ -238,10 +250,11 @@ def test_linear_probe_separates_what_is_linearly_separable():
     x, x_test = torch.randn(200, 5, generator=g) * 3 + 7, torch.randn(100, 5, generator=g) * 3 + 7
     w = torch.randn(5, 3, generator=g)
     y, y_test = (x @ w).argmax(1), (x_test @ w).argmax(1)                   # a linear rule: learnable
-    assert engine.linear_probe_accuracy(x, y, x_test, y_test, steps=500, lr=0.1, weight_decay=0) > 0.9
+    assert engine.linear_probe_accuracy(x, y, x_test, y_test, steps=200, lr=0.1, weight_decay=0) > 0.9
     noise = torch.randint(0, 3, (200,), generator=g)                         # labels unrelated to x
-    assert engine.linear_probe_accuracy(x, noise, x_test, y_test) < 0.6
-    assert engine.linear_probe_accuracy(x, y, x_test, y_test) == engine.linear_probe_accuracy(x, y, x_test, y_test)
+    assert engine.linear_probe_accuracy(x, noise, x_test, y_test, steps=100) < 0.6
+    assert engine.linear_probe_accuracy(x, y, x_test, y_test, steps=5) == engine.linear_probe_accuracy(
+        x, y, x_test, y_test, steps=5)                                       # zero init, full batch: deterministic
 
 
 # ---------------------------------------------------------------------------------------------------------------
