@@ -602,7 +602,7 @@ def respix_to_pixels(pred, imgs, norm='sliding', patch_size=16, mean=IMAGENET_ME
 def save_fig3(path, model, vis):
     """Fig. 3: original, masked, corrupted image, enhancer output (RESPIX: un-normalized back to pixels;
     REVDET: the corrupted image with tokens the enhancer calls 'replaced' tinted red)."""
-    imgs, tok_imgs = vis['imgs'], vis['tok_imgs']
+    imgs = vis['imgs']
     original = unnormalize(imgs, model.mean, model.std)
     corrupted = unnormalize(vis['corrupted_imgs'], model.mean, model.std)
     if model.task == 'respix':

@@ -1,8 +1,10 @@
-"""Plumbing shared by train.py, finetune.py, segment.py and dvae.py: data loading, distributed setup,
-lr schedule and mixed precision, checkpoints, logging, kNN evaluation, command-line errors.
+"""Plumbing shared by train.py, finetune.py, segment.py and dvae.py: data loading, distributed setup, lr schedules,
+layer decay, stochastic depth and mixed precision, checkpoints, pre-trained weights, logging, distributed evaluation
+and kNN, command-line errors.
 The method itself lives in cim.py; nothing here is CIM-specific.
 """
 import argparse
+import functools
 import gzip
 import itertools
 import json
@@ -16,7 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
+from torchvision.ops import StochasticDepth
+from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: image folders (ImageNet layout or flat) and the built-in Fashion-MNIST demo data
@@ -115,7 +120,6 @@ def fashion_mnist(train=True, root=None):
         if all(os.path.isfile(os.path.join(d, n)) for n in names):
             images, labels = (_read_idx(os.path.join(d, n)) for n in names)
             return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
-    import torchvision
     cache = root or os.path.join(os.path.expanduser('~'), '.cache', 'cim')
     print(f"Fashion-MNIST not found in {list(FASHION_MNIST_DIRS)} (Debian: apt-get install dataset-fashion-mnist); "
           f"downloading with torchvision into {cache}", file=sys.stderr)
@@ -204,6 +208,35 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start_batch * self.batch_size
 
 
+class ShardSampler(torch.utils.data.Sampler):
+    """Evaluation order: rank r reads indices r, r + W, r + 2W, ... of n, so every image is seen exactly once over
+    all W ranks (DistributedSampler pads with repeats, which would count some images twice)."""
+
+    def __init__(self, n, num_replicas=1, rank=0):
+        if n < num_replicas:
+            raise ValueError(f'{n} evaluation images cannot be spread over {num_replicas} processes')
+        self.indices = range(rank, n, num_replicas)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def train_loader(dataset, sampler, batch_size, accum_iter, num_workers, seed, device):
+    """The training DataLoader (full batches, pinned memory on CUDA, seeded worker order) -> (loader, optimizer
+    steps per epoch). sampler: a ResumableSampler (or one with its num_samples and num_replicas). Raises ValueError when the dataset is too small for a single optimizer step."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers,
+                                         pin_memory=device.type == 'cuda', drop_last=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    steps_per_epoch = sampler.num_samples // batch_size // accum_iter  # num_samples: per rank, whole epoch
+    if steps_per_epoch == 0:
+        raise ValueError(f'{len(dataset)} training samples give no optimizer step: one needs batch {batch_size} x '
+                         f'{sampler.num_replicas} processes x {accum_iter} accumulation steps')
+    return loader, steps_per_epoch
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Distributed: torchrun environment, one process per GPU (or CPU process with gloo)
 
@@ -234,6 +267,21 @@ def all_gather_objects(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_gather_rows(x):
+    """Rows of every rank, in rank order: x [n_r, ...] (n_r may differ) -> [sum of n_r, ...]; x without a group."""
+    if not dist.is_initialized():
+        return x
+    n = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[:len(x)] = x
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
 
 class Metrics:
@@ -275,6 +323,35 @@ class Metrics:
         return out
 
 
+
+class SkippedSteps:
+    """Optimizer steps skipped for non-finite loss or gradients, counted on device (no host sync per step).
+
+    update(grad_norm) after each engine.optimizer_step; at log time collect(log) (one host sync) adds the count to
+    log['skipped_steps'] and returns the current run of consecutive skipped steps; after writing the log line,
+    stop_if_stuck(run, ...) raises TrainingError when that run reached max_bad."""
+
+    def __init__(self, device, max_bad):
+        self.max_bad = max_bad
+        self.skipped, self.run = torch.zeros((), device=device), torch.zeros((), device=device)
+
+    def update(self, grad_norm):
+        bad = (~torch.isfinite(grad_norm)).float()
+        self.skipped += bad
+        self.run = (self.run + 1) * bad
+
+    def collect(self, log):
+        n_skipped, n_run = (int(x) for x in torch.stack([self.skipped, self.run]).tolist())
+        self.skipped.zero_()
+        log['skipped_steps'] += n_skipped
+        return n_run
+
+    def stop_if_stuck(self, run, step, where, hint='try a lower learning rate'):
+        if run >= self.max_bad:
+            raise TrainingError(f'{run} consecutive steps had a non-finite loss or gradients and were skipped; '
+                                f'stopped at step {step} (the last good checkpoint is in {where}); {hint}')
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Optimization: AdamW parameter groups, lr schedule, mixed precision, one optimizer step
 
@@ -306,6 +383,61 @@ def cosine_lr(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
         return peak_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def poly_lr(step, total_steps, peak_lr, power=0.9, min_lr=0.0, warmup_steps=0):
+    """Polynomial decay (mmseg's 'poly'): min_lr + (peak_lr - min_lr) * (1 - step / total_steps) ** power, times a
+    linear warmup factor (step + 1) / warmup_steps over the first warmup_steps steps."""
+    lr = min_lr + (peak_lr - min_lr) * (1 - min(step, total_steps) / total_steps) ** power
+    return lr * (step + 1) / warmup_steps if step < warmup_steps else lr
+
+
+def vit_layer_id(name, depth, prefix=''):
+    """BEiT's layer id of a ViT parameter, for layer-wise lr decay: the patch / position / cls / mask embeddings 0,
+    blocks.i -> i + 1, everything else (final norm, classifier, decoder) depth + 1. `prefix`: the ViT's place in
+    the model ('backbone.'); parameters outside it count as 'everything else'."""
+    if not name.startswith(prefix):
+        return depth + 1
+    parts = name[len(prefix):].split('.')
+    if parts[0] in ('patch_embed', 'pos_embed', 'cls_token', 'mask_token'):
+        return 0
+    if parts[0] == 'blocks':
+        return int(parts[1]) + 1
+    return depth + 1
+
+
+def layer_decay(depth, decay, prefix=''):
+    """Layer-wise lr decay (BEiT; Clark et al. 2020) as lr_scale(name) for param_groups():
+    decay ** (depth + 1 - layer id), so the classifier gets the full lr and the embeddings decay ** (depth + 1)."""
+    return lambda name: decay ** (depth + 1 - vit_layer_id(name, depth, prefix))
+
+
+def _drop_branch(drop, module, inputs, output):
+    return drop(output)
+
+
+def add_stochastic_depth(model, rate):
+    """Stochastic depth (Huang et al. 2016) on the residual branches of every ViT block (attention and MLP) or
+    torchvision ResNet block (its last BatchNorm, before the shortcut is added), the drop probability rising
+    linearly from 0 at the first block to `rate` at the last (timm / BEiT: linspace(0, rate, depth)).
+
+    Done with forward hooks and a parameter-free torchvision StochasticDepth submodule `block.drop_path`: the state
+    dict keeps timm's / torchvision's names, and model.train() / eval() switch it. Whole samples are dropped ('row');
+    the kept ones are scaled by 1 / (1 - p). -> model.
+    """
+    resnet_blocks = (torchvision.models.resnet.Bottleneck, torchvision.models.resnet.BasicBlock)
+    blocks = [m for m in model.modules() if all(hasattr(m, a) for a in ('norm1', 'attn', 'norm2', 'mlp'))
+              or isinstance(m, resnet_blocks)]
+    for i, block in enumerate(blocks):
+        p = rate * i / max(1, len(blocks) - 1)
+        if p == 0:
+            continue
+        block.drop_path = StochasticDepth(p, 'row')
+        ends = ((block.bn3,) if isinstance(block, torchvision.models.resnet.Bottleneck) else (block.bn2,)) \
+            if isinstance(block, resnet_blocks) else (block.attn, block.mlp)
+        for m in ends:
+            m.register_forward_hook(functools.partial(_drop_branch, block.drop_path))
+    return model
 
 
 def set_lr(optimizer, lr):
@@ -393,18 +525,24 @@ def all_finite(module):
     return bool(torch.stack([t.isfinite().all() for t in tensors]).all())
 
 
-def save_checkpoint(state, output_dir):
-    """Atomic save to output_dir/checkpoint-last.pth: written to a temp file and fsynced, the old one moved to
-    checkpoint-prev.pth, then the temp file renamed. A crash at any point leaves a complete checkpoint."""
-    path, tmp = os.path.join(output_dir, CHECKPOINT), os.path.join(output_dir, CHECKPOINT + '.tmp')
+def atomic_save(obj, path, previous=None):
+    """torch.save to a temp file, fsync, rename: `path` is always either the old or the new complete file.
+    previous: where the old file goes (kept as a fallback), else it is replaced."""
+    tmp = path + '.tmp'
     with open(tmp, 'wb') as f:
-        torch.save(state, f)
+        torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    if os.path.exists(path):
-        os.replace(path, os.path.join(output_dir, PREVIOUS))
+    if previous and os.path.exists(path):
+        os.replace(path, previous)
     os.replace(tmp, path)
     return path
+
+
+def save_checkpoint(state, output_dir):
+    """Atomic save to output_dir/checkpoint-last.pth, the old one kept as checkpoint-prev.pth. A crash at any
+    point leaves a complete checkpoint."""
+    return atomic_save(state, os.path.join(output_dir, CHECKPOINT), previous=os.path.join(output_dir, PREVIOUS))
 
 
 def find_checkpoint(output_dir):
@@ -442,6 +580,143 @@ def load_checkpoint(path):
         return _read_checkpoint(previous), previous
 
 
+def save_training_state(model, optimizer, scaler, args, log, skip_prefix=None, **position):
+    """Every rank: checkpoint-last.pth in args.output_dir with model, optimizer, scaler, each rank's RNG state,
+    the log dict, args and `position` (epoch, step, ...); rank 0 writes it atomically. A non-finite model raises
+    TrainingError instead, keeping the last good checkpoint. skip_prefix: model keys not saved (a frozen part)."""
+    where = ', '.join(f'{k} {v}' for k, v in position.items())
+    if not all_finite(model):
+        raise TrainingError(f'the model became non-finite at {where}; kept the last good checkpoint in '
+                            f'{args.output_dir}')
+    rng = all_gather_objects(rng_state())
+    if is_main():
+        state = {k: v for k, v in model.state_dict().items() if not (skip_prefix and k.startswith(skip_prefix))}
+        save_checkpoint(dict(model=state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng,
+                             log=dict(log), args=vars(args), **position), args.output_dir)
+
+
+def load_training_state(path, model, optimizer, scaler, args, rank, log, same_args, skip_prefix=None, **same):
+    """Resumes from a save_training_state() checkpoint -> its dict (position entries included).
+
+    Checks first that the run is the same: args named in `same_args` and the `same` entries (name=value now) must
+    equal the checkpoint's, else one-line ValueError. Loads model (strict, but for skip_prefix), optimizer, scaler,
+    this rank's RNG states, and updates `log`."""
+    state, path = load_checkpoint(path)
+    if not all(k in state for k in ('args', 'optimizer', 'scaler', 'rng', 'log')):
+        raise ValueError(f"'{path}' is not a training checkpoint to resume (no args/optimizer/RNG state)")
+    old = state['args']
+    diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in same_args
+            if old.get(k) != getattr(args, k)]
+    diff += [f'{k} {state.get(k)} (now {v})' for k, v in same.items() if state.get(k) != v]
+    if diff:
+        raise ValueError(f"checkpoint '{path}' was written with {', '.join(diff)}; use the same settings to resume "
+                         f"or another --output-dir")
+    missing, unexpected = model.load_state_dict(state['model'], strict=False)
+    missing = [k for k in missing if not (skip_prefix and k.startswith(skip_prefix))]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint '{path}' does not fit the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    optimizer.load_state_dict(state['optimizer'])
+    scaler.load_state_dict(state['scaler'])
+    set_rng_state(state['rng'][rank])
+    log.update(state['log'])
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pre-trained weights: every layout read, the backbone loaded strictly (finetune.py, segment.py)
+
+def read_weights(path):
+    """The state dict in a weights file -> (state dict, args dict or {}), every supported layout unwrapped:
+    a train.py checkpoint ({'model': CIM state, 'args'}: its 'enhancer.*' weights, the backbone), a `train.py --export`
+    file, a torchvision / timm state dict, the {'model': ...} / {'state_dict': ...} / 'module.' wrappers of MAE, BEiT,
+    DeiT and DDP, and 'backbone.*' weights (a linear probe, mmseg). Raises FileNotFoundError / ValueError (one line)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file '{path}' does not exist")
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # not a torch file, truncated, or a pickle of arbitrary objects
+        raise ValueError(f"'{path}' is not a readable weights file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    meta = {}
+    if isinstance(obj, dict):
+        for key in ('model', 'state_dict'):
+            if isinstance(obj.get(key), dict):
+                meta = obj['args'] if isinstance(obj.get('args'), dict) else {}
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"'{path}' holds no state dict (a dict of parameter names to tensors)")
+    state = {k.removeprefix('module.'): v for k, v in obj.items()}
+    for prefix in ('enhancer.', 'backbone.'):  # CIM checkpoint: the enhancer is the backbone (Sec. 2.3)
+        if any(k.startswith(prefix) for k in state):
+            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}, meta
+    return state, meta
+
+
+def weights_family(state):
+    """'vit' (timm names), 'resnet' (torchvision names) or None: which kind of network a state dict belongs to."""
+    if 'patch_embed.proj.weight' in state or any(k.startswith('blocks.0.') for k in state):
+        return 'vit'
+    if 'conv1.weight' in state or any(k.startswith('layer1.0.') for k in state):
+        return 'resnet'
+    return None
+
+
+def interpolate_pos_embed(pos_embed, num_patches):
+    """ViT position embeddings for another square grid (BEiT / MAE practice: bicubic on the grid, cls kept).
+    pos_embed: [1, 1 + n0, D] -> [1, 1 + num_patches, D]."""
+    g0, g = math.isqrt(pos_embed.shape[1] - 1), math.isqrt(num_patches)
+    if g0 * g0 != pos_embed.shape[1] - 1 or g * g != num_patches:
+        raise ValueError(f'cannot resize position embeddings of {pos_embed.shape[1] - 1} patches to {num_patches}: '
+                         f'square grids (with a cls token) only')
+    grid = pos_embed[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(g, g), mode='bicubic', align_corners=False)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)], dim=1)
+
+
+def load_pretrained(model, state, source='weights', classifier=('head.', 'fc.'), verbose=True):
+    """Copies a backbone state dict into model (cim's ViT or a torchvision ResNet, with or without classifier).
+
+    Every backbone parameter and buffer of the model must be in `state` with its shape: a missing one, another
+    network family (ResNet weights into a ViT), another width, depth or patch size raises ValueError, because a
+    half-loaded backbone gives silently wrong results. ViT position embeddings of another grid are interpolated.
+    The classifier (names starting with `classifier`) loads only if its shape fits. Keys under modules the model
+    lacks (MAE's decoder, BEiT's mask token, ...) are ignored. Prints what was left out. -> (missing, ignored).
+    """
+    own = model.state_dict()
+    family, theirs = weights_family(own), weights_family(state)
+    if theirs is None:
+        raise ValueError(f"{source} holds neither ViT nor ResNet weights (keys such as {', '.join(list(state)[:3])})")
+    if theirs != family:
+        raise ValueError(f'{source} holds {theirs} weights but the model is a {family}')
+    state = dict(state)
+    if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
+        if state['pos_embed'].shape[-1] == own['pos_embed'].shape[-1]:
+            state['pos_embed'] = interpolate_pos_embed(state['pos_embed'], own['pos_embed'].shape[1] - 1)
+    is_head = lambda k: k.startswith(classifier)  # noqa: E731
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    for k in sorted(mismatched, key=lambda k: k != 'patch_embed.proj.weight'):  # that one tells width and patch
+        if not is_head(k):
+            raise ValueError(f'{source} does not fit the model: {k} is {list(state[k].shape)} there and '
+                             f'{list(own[k].shape)} here (another architecture, width or patch size?)')
+        del state[k]  # a classifier for another number of classes
+    modules = {k.split('.')[0] for k in own}
+    structural = [k for k in state if k not in own and k.split('.')[0] in modules and not is_head(k)]
+    missing = [k for k in own if k not in state]
+    if structural or any(not is_head(k) for k in missing):
+        bad = structural or [k for k in missing if not is_head(k)]
+        raise ValueError(f"{source} does not fit the model: {'unexpected' if structural else 'missing'} "
+                         f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} ({len(bad)} keys; another "
+                         f"architecture or depth?)")
+    ignored = [k for k in state if k not in own]
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    if verbose and is_main():
+        print(f'loaded {len(own) - len(missing)} tensors from {source}; missing (trained from scratch): '
+              f"{missing or 'none'}; ignored: {ignored or 'none'}")
+    return missing, ignored
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Logging and evaluation
 
@@ -450,6 +725,28 @@ def log_jsonl(path, record):
     record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
     with open(path, 'a') as f:
         f.write(json.dumps(record) + '\n')
+
+
+@torch.no_grad()
+def evaluate(fn, loader, device, dtype=None, desc='eval'):
+    """Sums of fn(inputs, targets) -> {name: tensor} over every batch of loader and over all ranks.
+
+    fn returns per-batch sums (correct counts, loss sums, confusion matrices) and runs under autocast; inputs and
+    targets are the first two items of each batch, on device. Use a ShardSampler so each sample counts once.
+    -> {name: float64 tensor}; the caller divides. One all_reduce per name, at the end.
+    """
+    sums = {}
+    for batch in tqdm(loader, desc=desc, disable=not is_main(), leave=False, dynamic_ncols=True):
+        inputs, targets = (b.to(device, non_blocking=True) for b in batch[:2])
+        with autocast(device, dtype):
+            out = fn(inputs, targets)
+        for k, v in out.items():
+            v = torch.as_tensor(v, device=device).detach().to(torch.float64)
+            sums[k] = sums[k] + v if k in sums else v
+    for k in sorted(sums):
+        if dist.is_initialized():
+            dist.all_reduce(sums[k])
+    return sums
 
 
 @torch.no_grad()

@@ -22,7 +22,6 @@ import argparse
 import copy
 import contextlib
 import functools
-import math
 import os
 import random
 import time
@@ -32,233 +31,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 import torchvision.transforms.v2 as v2
 from torch.nn.parallel import DistributedDataParallel
-from torchvision.ops import StochasticDepth
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 import cim
 import engine
-from engine import autocast, is_main  # the shared section below uses them as engine.py will
-
-
-# ---- shared with segment.py: to move into engine.py ----
-# Pre-trained weights, layer-wise lr decay, stochastic depth, lr schedules, distributed evaluation. Generic: nothing
-# here reads finetune.py's globals. engine.py needs these imports in addition to its own: functools, torchvision,
-# `from torchvision.ops import StochasticDepth`, `from tqdm import tqdm`.
-
-def read_weights(path):
-    """The state dict in a weights file -> (state dict, args dict or {}), every supported layout unwrapped:
-    a train.py checkpoint ({'model': CIM state, 'args'}: its 'enhancer.*' weights, the backbone), a `train.py --export`
-    file, a torchvision / timm state dict, the {'model': ...} / {'state_dict': ...} / 'module.' wrappers of MAE, BEiT,
-    DeiT and DDP, and 'backbone.*' weights (a linear probe, mmseg). Raises FileNotFoundError / ValueError (one line)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file '{path}' does not exist")
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # not a torch file, truncated, or a pickle of arbitrary objects
-        raise ValueError(f"'{path}' is not a readable weights file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    meta = {}
-    if isinstance(obj, dict):
-        for key in ('model', 'state_dict'):
-            if isinstance(obj.get(key), dict):
-                meta = obj['args'] if isinstance(obj.get('args'), dict) else {}
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"'{path}' holds no state dict (a dict of parameter names to tensors)")
-    state = {k.removeprefix('module.'): v for k, v in obj.items()}
-    for prefix in ('enhancer.', 'backbone.'):  # CIM checkpoint: the enhancer is the backbone (Sec. 2.3)
-        if any(k.startswith(prefix) for k in state):
-            return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}, meta
-    return state, meta
-
-
-def weights_family(state):
-    """'vit' (timm names), 'resnet' (torchvision names) or None: which kind of network a state dict belongs to."""
-    if 'patch_embed.proj.weight' in state or any(k.startswith('blocks.0.') for k in state):
-        return 'vit'
-    if 'conv1.weight' in state or any(k.startswith('layer1.0.') for k in state):
-        return 'resnet'
-    return None
-
-
-def interpolate_pos_embed(pos_embed, num_patches):
-    """ViT position embeddings for another square grid (BEiT / MAE practice: bicubic on the grid, cls kept).
-    pos_embed: [1, 1 + n0, D] -> [1, 1 + num_patches, D]."""
-    g0, g = math.isqrt(pos_embed.shape[1] - 1), math.isqrt(num_patches)
-    if g0 * g0 != pos_embed.shape[1] - 1 or g * g != num_patches:
-        raise ValueError(f'cannot resize position embeddings of {pos_embed.shape[1] - 1} patches to {num_patches}: '
-                         f'square grids (with a cls token) only')
-    grid = pos_embed[:, 1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(g, g), mode='bicubic', align_corners=False)
-    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)], dim=1)
-
-
-def load_pretrained(model, state, source='weights', classifier=('head.', 'fc.'), verbose=True):
-    """Copies a backbone state dict into model (cim's ViT or a torchvision ResNet, with or without classifier).
-
-    Every backbone parameter and buffer of the model must be in `state` with its shape: a missing one, another
-    network family (ResNet weights into a ViT), another width, depth or patch size raises ValueError, because a
-    half-loaded backbone gives silently wrong results. ViT position embeddings of another grid are interpolated.
-    The classifier (names starting with `classifier`) loads only if its shape fits. Keys under modules the model
-    lacks (MAE's decoder, BEiT's mask token, ...) are ignored. Prints what was left out. -> (missing, ignored).
-    """
-    own = model.state_dict()
-    family, theirs = weights_family(own), weights_family(state)
-    if theirs is None:
-        raise ValueError(f"{source} holds neither ViT nor ResNet weights (keys such as {', '.join(list(state)[:3])})")
-    if theirs != family:
-        raise ValueError(f'{source} holds {theirs} weights but the model is a {family}')
-    state = dict(state)
-    if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
-        if state['pos_embed'].shape[-1] == own['pos_embed'].shape[-1]:
-            state['pos_embed'] = interpolate_pos_embed(state['pos_embed'], own['pos_embed'].shape[1] - 1)
-    is_head = lambda k: k.startswith(classifier)  # noqa: E731
-    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
-    for k in sorted(mismatched, key=lambda k: k != 'patch_embed.proj.weight'):  # that one tells width and patch
-        if not is_head(k):
-            raise ValueError(f'{source} does not fit the model: {k} is {list(state[k].shape)} there and '
-                             f'{list(own[k].shape)} here (another architecture, width or patch size?)')
-        del state[k]  # a classifier for another number of classes
-    modules = {k.split('.')[0] for k in own}
-    structural = [k for k in state if k not in own and k.split('.')[0] in modules and not is_head(k)]
-    missing = [k for k in own if k not in state]
-    if structural or any(not is_head(k) for k in missing):
-        bad = structural or [k for k in missing if not is_head(k)]
-        raise ValueError(f"{source} does not fit the model: {'unexpected' if structural else 'missing'} "
-                         f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} ({len(bad)} keys; another "
-                         f"architecture or depth?)")
-    ignored = [k for k in state if k not in own]
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-    if verbose and is_main():
-        print(f'loaded {len(own) - len(missing)} tensors from {source}; missing (trained from scratch): '
-              f"{missing or 'none'}; ignored: {ignored or 'none'}")
-    return missing, ignored
-
-
-def vit_layer_id(name, depth, prefix=''):
-    """BEiT's layer id of a ViT parameter, for layer-wise lr decay: the patch / position / cls / mask embeddings 0,
-    blocks.i -> i + 1, everything else (final norm, classifier, decoder) depth + 1. `prefix`: the ViT's place in
-    the model ('backbone.'); parameters outside it count as 'everything else'."""
-    if not name.startswith(prefix):
-        return depth + 1
-    parts = name[len(prefix):].split('.')
-    if parts[0] in ('patch_embed', 'pos_embed', 'cls_token', 'mask_token'):
-        return 0
-    if parts[0] == 'blocks':
-        return int(parts[1]) + 1
-    return depth + 1
-
-
-def layer_decay(depth, decay, prefix=''):
-    """Layer-wise lr decay (BEiT; Clark et al. 2020) as lr_scale(name) for param_groups():
-    decay ** (depth + 1 - layer id), so the classifier gets the full lr and the embeddings decay ** (depth + 1)."""
-    return lambda name: decay ** (depth + 1 - vit_layer_id(name, depth, prefix))
-
-
-def _drop_branch(drop, module, inputs, output):
-    return drop(output)
-
-
-def add_stochastic_depth(model, rate):
-    """Stochastic depth (Huang et al. 2016) on the residual branches of every ViT block (attention and MLP) or
-    torchvision ResNet block (its last BatchNorm, before the shortcut is added), the drop probability rising
-    linearly from 0 at the first block to `rate` at the last (timm / BEiT: linspace(0, rate, depth)).
-
-    Done with forward hooks and a parameter-free torchvision StochasticDepth submodule `block.drop_path`: the state
-    dict keeps timm's / torchvision's names, and model.train() / eval() switch it. Whole samples are dropped ('row');
-    the kept ones are scaled by 1 / (1 - p). -> model.
-    """
-    resnet_blocks = (torchvision.models.resnet.Bottleneck, torchvision.models.resnet.BasicBlock)
-    blocks = [m for m in model.modules() if all(hasattr(m, a) for a in ('norm1', 'attn', 'norm2', 'mlp'))
-              or isinstance(m, resnet_blocks)]
-    for i, block in enumerate(blocks):
-        p = rate * i / max(1, len(blocks) - 1)
-        if p == 0:
-            continue
-        block.drop_path = StochasticDepth(p, 'row')
-        ends = ((block.bn3,) if isinstance(block, torchvision.models.resnet.Bottleneck) else (block.bn2,)) \
-            if isinstance(block, resnet_blocks) else (block.attn, block.mlp)
-        for m in ends:
-            m.register_forward_hook(functools.partial(_drop_branch, block.drop_path))
-    return model
-
-
-def poly_lr(step, total_steps, peak_lr, power=0.9, min_lr=0.0, warmup_steps=0):
-    """Polynomial decay (mmseg's 'poly'): min_lr + (peak_lr - min_lr) * (1 - step / total_steps) ** power, times a
-    linear warmup factor (step + 1) / warmup_steps over the first warmup_steps steps."""
-    lr = min_lr + (peak_lr - min_lr) * (1 - min(step, total_steps) / total_steps) ** power
-    return lr * (step + 1) / warmup_steps if step < warmup_steps else lr
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Evaluation order: rank r reads indices r, r + W, r + 2W, ... of n, so every image is seen exactly once over
-    all W ranks (DistributedSampler pads with repeats, which would count some images twice)."""
-
-    def __init__(self, n, num_replicas=1, rank=0):
-        if n < num_replicas:
-            raise ValueError(f'{n} evaluation images cannot be spread over {num_replicas} processes')
-        self.indices = range(rank, n, num_replicas)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-@torch.no_grad()
-def evaluate(fn, loader, device, dtype=None, desc='eval'):
-    """Sums of fn(inputs, targets) -> {name: tensor} over every batch of loader and over all ranks.
-
-    fn returns per-batch sums (correct counts, loss sums, confusion matrices) and runs under autocast; inputs and
-    targets are the first two items of each batch, on device. Use a ShardSampler so each sample counts once.
-    -> {name: float64 tensor}; the caller divides. One all_reduce per name, at the end.
-    """
-    sums = {}
-    for batch in tqdm(loader, desc=desc, disable=not is_main(), leave=False, dynamic_ncols=True):
-        inputs, targets = (b.to(device, non_blocking=True) for b in batch[:2])
-        with autocast(device, dtype):
-            out = fn(inputs, targets)
-        for k, v in out.items():
-            v = torch.as_tensor(v, device=device).detach().to(torch.float64)
-            sums[k] = sums[k] + v if k in sums else v
-    for k in sorted(sums):
-        if dist.is_initialized():
-            dist.all_reduce(sums[k])
-    return sums
-
-
-def all_gather_rows(x):
-    """Rows of every rank, in rank order: x [n_r, ...] (n_r may differ) -> [sum of n_r, ...]; x without a group."""
-    if not dist.is_initialized():
-        return x
-    n = torch.tensor([len(x)], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[:len(x)] = x
-    out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
-
-
-def atomic_save(obj, path):
-    """torch.save to a temp file, fsync, rename: `path` is always either the old or the new complete file."""
-    tmp = path + '.tmp'
-    with open(tmp, 'wb') as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-# ---- end of the section shared with segment.py ----
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -486,7 +265,7 @@ def build_classifier(arch, num_classes, img_size=224, patch_size=16, drop_path=0
         nn.init.zeros_(model.head.bias)
     else:
         model.fc = nn.Linear(2048, num_classes)
-    return add_stochastic_depth(model, drop_path)
+    return engine.add_stochastic_depth(model, drop_path)
 
 
 class LinearProbe(nn.Module):
@@ -552,7 +331,7 @@ LOSSES = {'ce': soft_cross_entropy, 'bce': binary_cross_entropy}
 
 
 def classification_sums(model):
-    """fn(imgs, labels) for evaluate(): per-batch counts of top-1 / top-5 hits, images, and the CE loss sum."""
+    """fn(imgs, labels) for engine.evaluate(): per-batch counts of top-1 / top-5 hits, images, and the CE loss sum."""
     def fn(imgs, labels):
         logits = model(imgs).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
@@ -569,33 +348,12 @@ SAME_ARGS = ('arch', 'linear_probe', 'num_classes', 'input_size', 'patch_size', 
 
 
 def save(model, optimizer, scaler, args, epoch, step_in_epoch, log):
-    if not engine.all_finite(model):
-        raise engine.TrainingError(f'the model became non-finite at epoch {epoch} step {step_in_epoch}; kept the '
-                                   f'last good checkpoint in {args.output_dir}')
-    rng = engine.all_gather_objects(engine.rng_state())
-    if engine.is_main():
-        engine.save_checkpoint(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                    scaler=scaler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch, rng=rng,
-                                    log=dict(log), args=vars(args)), args.output_dir)
+    engine.save_training_state(model, optimizer, scaler, args, log, epoch=epoch, step_in_epoch=step_in_epoch)
 
 
 def resume(path, model, optimizer, scaler, args, rank, log):
     """Loads a checkpoint of the same model and batch layout -> (epoch, step_in_epoch); restores RNG states."""
-    state, path = engine.load_checkpoint(path)
-    old = state.get('args', {})
-    diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in SAME_ARGS
-            if old.get(k) != getattr(args, k)]
-    if diff:
-        raise ValueError(f"checkpoint '{path}' was written with {', '.join(diff)}; use the same settings to resume or "
-                         f"another --output-dir")
-    try:
-        model.load_state_dict(state['model'])
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint '{path}' does not fit the model: {str(e).splitlines()[1].strip()}") from None
-    optimizer.load_state_dict(state['optimizer'])
-    scaler.load_state_dict(state['scaler'])
-    engine.set_rng_state(state['rng'][rank])
-    log.update(state['log'])
+    state = engine.load_training_state(path, model, optimizer, scaler, args, rank, log, SAME_ARGS)
     if engine.is_main():
         print(f"resumed from '{path}': epoch {state['epoch']}, step {state['step_in_epoch']}")
     return state['epoch'], state['step_in_epoch']
@@ -610,7 +368,7 @@ def train_one_epoch(model, ddp, loader, optimizer, scaler, mixer, sched, epoch, 
     params = [p for p in model.parameters() if p.requires_grad]
     criterion, channels_last = LOSSES[args.loss], args.arch == 'resnet50'
     metrics, it = engine.Metrics(device), iter(loader)
-    skipped, bad_run = torch.zeros((), device=device), torch.zeros((), device=device)  # on device: no host syncs
+    skipped = engine.SkippedSteps(device, args.max_bad_steps)
     steps = sched['steps_per_epoch']
     pbar = tqdm(total=steps, initial=start_step, desc=f'epoch {epoch + 1}/{args.epochs}',
                 disable=not engine.is_main(), dynamic_ncols=True)
@@ -634,28 +392,21 @@ def train_one_epoch(model, ddp, loader, optimizer, scaler, mixer, sched, epoch, 
             metrics.update(loss=loss.detach())
             metrics.add(n_bad_images=n_bad.sum())
         grad_norm = engine.optimizer_step(optimizer, scaler, params, args.amp, args.clip_grad or None)
-        bad = (~torch.isfinite(grad_norm)).float()  # skipped by the scaler (non-finite loss or gradients)
-        skipped += bad
-        bad_run = (bad_run + 1) * bad
+        skipped.update(grad_norm)  # non-finite: the scaler skipped the step
         metrics.update(grad_norm=grad_norm, lr=lr)
         pbar.update(1)
         n_log += 1
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
             m = metrics.reduce()
-            n_skipped, n_bad_run = (int(x) for x in torch.stack([skipped, bad_run]).tolist())
+            bad_run = skipped.collect(log)
             imgs_s = n_log * args.accum_iter * args.batch_size * args.world_size / (time.time() - t_log)
             log['n_bad_images'] += int(m.pop('n_bad_images'))
-            log['skipped_steps'] += n_skipped
-            skipped.zero_()
             if engine.is_main():
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(
                     epoch=epoch, step=gstep + 1, **m, imgs_per_s=imgs_s, n_bad_images=log['n_bad_images'],
                     skipped_steps=log['skipped_steps']))
                 pbar.set_postfix(imgs_s=f'{imgs_s:.0f}', loss=f"{m['loss']:.4f}", lr=f'{lr:.2e}')
-            if n_bad_run >= args.max_bad_steps:
-                raise engine.TrainingError(f'{n_bad_run} consecutive steps had a non-finite loss or gradients '
-                                           f'(skipped); stopping at step {gstep + 1}. The last good checkpoint is in '
-                                           f'{args.output_dir}; try a lower --blr')
+            skipped.stop_if_stuck(bad_run, gstep + 1, args.output_dir, 'try a lower --blr or --lr')
             t_log, n_log = time.time(), 0
         stop = args.stop_after_steps and gstep + 1 >= args.stop_after_steps
         if stop or (args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < steps):
@@ -671,7 +422,7 @@ def validate(model, loader, device, dtype, channels_last=False):
     """Top-1 / top-5 accuracy (%) and CE loss on the whole validation set (all ranks) -> dict."""
     model.eval()
     net = (lambda x: model(x.contiguous(memory_format=torch.channels_last))) if channels_last else model
-    s = evaluate(classification_sums(net), loader, device, dtype, desc='val')
+    s = engine.evaluate(classification_sums(net), loader, device, dtype, desc='val')
     n = float(s['n'])
     return dict(acc1=100 * float(s['top1']) / n, acc5=100 * float(s['top5']) / n, val_loss=float(s['loss']) / n,
                 n_val=int(n))
@@ -683,7 +434,7 @@ def knn_eval(backbone, train_loader, val_loader, args, device, dtype):
     backbone.eval()
     feats = functools.partial(cim.pooled_features, backbone)
     (a, ya), (b, yb) = (engine.extract_features(feats, loader, device, dtype) for loader in (train_loader, val_loader))
-    a, ya = all_gather_rows(a.to(device)), all_gather_rows(ya.to(device))
+    a, ya = engine.all_gather_rows(a.to(device)), engine.all_gather_rows(ya.to(device))
     acc = engine.knn_accuracy(a, ya, b.to(device), yb.to(device), k=args.knn_k, T=args.knn_t)
     counts = torch.tensor([acc * len(b), len(b)], device=device, dtype=torch.float64)
     if dist.is_initialized():
@@ -716,7 +467,7 @@ def build_model(args, device):
     else:
         model = build_classifier(args.arch, args.num_classes, args.input_size, args.patch_size, args.drop_path)
     if args.init != 'none':
-        load_pretrained(model, read_weights(args.init)[0], f"'{args.init}'")
+        engine.load_pretrained(model, engine.read_weights(args.init)[0], f"'{args.init}'")
     return (LinearProbe(model, args.num_classes) if args.linear_probe else model).to(device)
 
 
@@ -726,13 +477,13 @@ def run(args, rank, device, demo=False):
     os.makedirs(args.output_dir, exist_ok=True)
     train_set, val_set, classes = build_data(args, demo)
     args.num_classes = len(classes)
-    val_loader = torch.utils.data.DataLoader(val_set, args.batch_size, sampler=ShardSampler(len(val_set),
+    val_loader = torch.utils.data.DataLoader(val_set, args.batch_size, sampler=engine.ShardSampler(len(val_set),
                                              args.world_size, rank), num_workers=args.num_workers,
                                              pin_memory=device.type == 'cuda')
     model = build_model(args, device)
     if args.knn:
         train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, num_workers=args.num_workers,
-                                                   sampler=ShardSampler(len(train_set), args.world_size, rank))
+                                                   sampler=engine.ShardSampler(len(train_set), args.world_size, rank))
         acc = knn_eval(model, train_loader, val_loader, args, device, dtype)
         if engine.is_main():
             print(f'kNN top-1 (k={args.knn_k}, T={args.knn_t}) of {args.arch} ({args.init}): {acc:.2f}% on '
@@ -748,19 +499,14 @@ def run(args, rank, device, demo=False):
     else:
         dataset = engine.SeededDataset(train_set, args.seed)
         sampler = engine.ResumableSampler(dataset, args.batch_size, args.world_size, rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                                         pin_memory=device.type == 'cuda', drop_last=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = sampler.num_samples // args.batch_size // args.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f'{len(train_set)} training images give no optimizer step: one needs batch '
-                         f'{args.batch_size} x {args.world_size} processes x {args.accum_iter} accumulation steps')
+    loader, steps_per_epoch = engine.train_loader(dataset, sampler, args.batch_size, args.accum_iter,
+                                                  args.num_workers, args.seed, device)
 
     # optimizer: AdamW with layer-wise lr decay (ViT) or SGD for the probe; lr scaled linearly from the recipe's batch
     total_batch = args.batch_size * args.world_size * args.accum_iter
     peak_lr = args.lr or engine.scaled_lr(args.blr, total_batch, args.ref_batch)
     vit = isinstance(model.backbone if args.linear_probe else model, cim.VisionTransformer)
-    lr_scale = layer_decay(len(model.blocks), args.layer_decay) \
+    lr_scale = engine.layer_decay(len(model.blocks), args.layer_decay) \
         if vit and not args.linear_probe and args.layer_decay != 1 else None
     groups = engine.param_groups(model, args.weight_decay, cim.NO_WEIGHT_DECAY_KEYS, lr_scale)
     if args.linear_probe:  # LARS (MAE's) is not in torch; a single linear layer: SGD + momentum (MoCo v3, DINO)
@@ -806,7 +552,7 @@ def run(args, rank, device, demo=False):
         save(model, optimizer, scaler, args, epoch + 1, 0, log)
         if engine.is_main():
             if best:
-                atomic_save(dict(model=model.state_dict(), args=vars(args), epoch=epoch + 1, **m),
+                engine.atomic_save(dict(model=model.state_dict(), args=vars(args), epoch=epoch + 1, **m),
                             os.path.join(args.output_dir, 'checkpoint-best.pth'))
             engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(epoch=epoch + 1, **m))
             print(f"epoch {epoch + 1}/{args.epochs}: val top-1 {m['acc1']:.2f}%  top-5 {m['acc5']:.2f}%  loss "
@@ -892,7 +638,7 @@ def main(argv=None):
     elif args.init is None:
         raise ValueError("--init is required with --data: pre-trained weights (train.py checkpoint or --export, "
                          "torchvision / timm state dict) or 'none' to train from scratch")
-    meta = read_weights(args.init)[1] if args.init != 'none' else {}
+    meta = engine.read_weights(args.init)[1] if args.init != 'none' else {}
     if demo:
         demo_setup(args, parser, meta)
     args.task = meta.get('task', 'respix')  # Table 10's ViT-B lr depends on the pre-training task

@@ -163,7 +163,7 @@ def train_one_epoch(model, ddp, loader, optimizer, scaler, sched, epoch, start_s
     (the only host syncs), saves every args.save_every_steps. -> False when --stop-after-steps stopped it."""
     ddp.train()
     steps, metrics, batches = sched['steps_per_epoch'], engine.Metrics(device), iter(loader)
-    skipped, bad_run = torch.zeros((), device=device), torch.zeros((), device=device)  # counted on device
+    skipped = engine.SkippedSteps(device, args.max_bad_steps)
     t_log, n_log = time.time(), 0
     with tqdm(total=steps, initial=start_step, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True,
               disable=not engine.is_main()) as pbar:
@@ -172,28 +172,21 @@ def train_one_epoch(model, ddp, loader, optimizer, scaler, sched, epoch, start_s
             lr = engine.cosine_lr(gstep, sched['total_steps'], sched['warmup_steps'], sched['lr'], args.min_lr)
             engine.set_lr(optimizer, lr)
             grad_norm = train_step(model, ddp, batches, optimizer, scaler, args, device, dtype, metrics)
-            bad = (~torch.isfinite(grad_norm)).float()  # the scaler skipped it: non-finite loss or gradients
-            skipped += bad
-            bad_run = (bad_run + 1) * bad
+            skipped.update(grad_norm)  # non-finite: the scaler skipped the step
             metrics.update(grad_norm=grad_norm, lr=lr)
             pbar.update(1)
             n_log += 1
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
                 m = metrics.reduce()
-                n_skipped, n_bad_run = (int(x) for x in torch.stack([skipped, bad_run]).tolist())
-                skipped.zero_()
+                bad_run = skipped.collect(log)
                 log['n_bad_images'] += int(m.pop('n_bad_images'))
-                log['skipped_steps'] += n_skipped
                 imgs_s = n_log * args.accum_iter * args.batch_size * args.world_size / (time.time() - t_log)
                 t_log, n_log = time.time(), 0
                 if engine.is_main():
                     engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'),
                                      dict(epoch=epoch, step=gstep + 1, **m, imgs_per_s=imgs_s, **log))
                     pbar.set_postfix(imgs_s=f'{imgs_s:.0f}', loss=f"{m['loss']:.4f}", lr=f'{lr:.2e}')
-                if n_bad_run >= args.max_bad_steps:
-                    raise engine.TrainingError(
-                        f'{n_bad_run} consecutive steps had a non-finite loss or gradients and were skipped; stopped '
-                        f'at step {gstep + 1} (checkpoints so far: {args.output_dir}). Try a lower --blr or --lr')
+                skipped.stop_if_stuck(bad_run, gstep + 1, args.output_dir, 'try a lower --blr or --lr')
             stop = args.stop_after_steps and gstep + 1 >= args.stop_after_steps
             if stop or (args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < steps):
                 save(model, optimizer, scaler, args, epoch, step + 1, steps, log)
@@ -225,43 +218,18 @@ SAME_LAYOUT_ARGS = ('batch_size', 'accum_iter', 'world_size')
 
 
 def save(model, optimizer, scaler, args, epoch, step_in_epoch, steps_per_epoch, log):
-    """Atomic checkpoint-last.pth (rank 0 writes; every rank contributes its RNG state). A non-finite model
-    stops the run instead of overwriting the last good checkpoint (all ranks hold the same parameters)."""
-    if not engine.all_finite(model):
-        raise engine.TrainingError(f'the model became non-finite at epoch {epoch} step {step_in_epoch}; '
-                                   f'kept the last good checkpoint in {args.output_dir}')
-    rng = engine.all_gather_objects(engine.rng_state())
-    if engine.is_main():
-        engine.save_checkpoint(dict(
-            model={k: v for k, v in model.state_dict().items() if not k.startswith('tokenizer.')},
-            optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch,
-            global_step=epoch * steps_per_epoch + step_in_epoch, rng=rng, log=dict(log), args=vars(args),
-            tokenizer=dict(vocab_size=model.tokenizer.vocab_size, downsample=model.tokenizer.downsample)),
-            args.output_dir)
+    """checkpoint-last.pth without the frozen tokenizer (its vocabulary and scale recorded to check on resume)."""
+    tok = dict(vocab_size=model.tokenizer.vocab_size, downsample=model.tokenizer.downsample)
+    engine.save_training_state(model, optimizer, scaler, args, log, skip_prefix='tokenizer.', tokenizer=tok,
+                               epoch=epoch, step_in_epoch=step_in_epoch,
+                               global_step=epoch * steps_per_epoch + step_in_epoch)
 
 
 def resume(path, model, optimizer, scaler, args, rank, log):
-    """Loads a checkpoint of the same model and batch layout -> (epoch, step_in_epoch); restores RNG states."""
-    state, path = engine.load_checkpoint(path)
-    if not all(k in state for k in ('args', 'tokenizer', 'optimizer', 'scaler', 'rng')):
-        raise ValueError(f"'{path}' is not a train.py checkpoint to resume (no args/optimizer/RNG state)")
-    old = state['args']
-    diff = [f'--{k.replace("_", "-")} {old.get(k)} (now {getattr(args, k)})' for k in SAME_MODEL_ARGS + SAME_LAYOUT_ARGS
-            if old.get(k) != getattr(args, k)]
-    tok = (model.tokenizer.vocab_size, model.tokenizer.downsample)
-    if (state['tokenizer']['vocab_size'], state['tokenizer']['downsample']) != tok:
-        diff.append(f"tokenizer vocab/downsample {tuple(state['tokenizer'].values())} (now {tok})")
-    if diff:
-        raise ValueError(f"checkpoint '{path}' was written with {', '.join(diff)}; use the same settings to resume "
-                         f"or another --output-dir")
-    missing, unexpected = model.load_state_dict(state['model'], strict=False)
-    if unexpected or any(not k.startswith('tokenizer.') for k in missing):
-        raise ValueError(f"checkpoint '{path}' does not fit the model (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
-    optimizer.load_state_dict(state['optimizer'])
-    scaler.load_state_dict(state['scaler'])
-    engine.set_rng_state(state['rng'][rank])
-    log.update(state['log'])
+    """Loads a checkpoint of the same model, tokenizer and batch layout -> (epoch, step_in_epoch)."""
+    tok = dict(vocab_size=model.tokenizer.vocab_size, downsample=model.tokenizer.downsample)
+    state = engine.load_training_state(path, model, optimizer, scaler, args, rank, log,
+                                       SAME_MODEL_ARGS + SAME_LAYOUT_ARGS, skip_prefix='tokenizer.', tokenizer=tok)
     if engine.is_main():
         print(f"resumed from '{path}': epoch {state['epoch']}, step {state['step_in_epoch']} "
               f"(global step {state['global_step']})")
@@ -324,13 +292,8 @@ def main(argv=None):
                else engine.ImageFiles(args.data, transform))
     dataset = engine.SeededDataset(dataset, args.seed)
     sampler = engine.ResumableSampler(dataset, args.batch_size, args.world_size, rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler, num_workers=args.num_workers,
-                                         pin_memory=device.type == 'cuda', drop_last=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
-    steps_per_epoch = sampler.num_samples // args.batch_size // args.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f'{len(dataset)} images give no optimizer step: one needs batch {args.batch_size} x '
-                         f'{args.world_size} processes x {args.accum_iter} accumulation steps')
+    loader, steps_per_epoch = engine.train_loader(dataset, sampler, args.batch_size, args.accum_iter,
+                                                  args.num_workers, args.seed, device)
 
     # model and optimizer (Table 9)
     torch.manual_seed(args.seed)

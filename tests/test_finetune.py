@@ -28,7 +28,7 @@ def tiny_vit(depth=3, embed_dim=8, img_size=8, patch_size=4, num_classes=5):
 
 def test_layer_decay_lr_scale_and_weight_decay_per_parameter():
     model = tiny_vit(depth=3)
-    groups = engine.param_groups(model, 0.05, cim.NO_WEIGHT_DECAY_KEYS, ft.layer_decay(3, 0.8))
+    groups = engine.param_groups(model, 0.05, cim.NO_WEIGHT_DECAY_KEYS, engine.layer_decay(3, 0.8))
     got = {id(p): (g['lr_scale'], g['weight_decay']) for g in groups for p in g['params']}
     # BEiT: embeddings id 0 -> 0.8^4, block i -> 0.8^(3 - i), final norm and head -> 1 (depth 3)
     exponent = {'patch_embed.': 4, 'cls_token': 4, 'pos_embed': 4, 'blocks.0.': 3, 'blocks.1.': 2, 'blocks.2.': 1,
@@ -50,16 +50,16 @@ def test_layer_decay_lr_scale_and_weight_decay_per_parameter():
     assert lr_of[id(model.blocks[1].mlp.fc1.weight)] == pytest.approx(2e-3 * 0.8 ** 2)
     assert lr_of[id(model.head.weight)] == pytest.approx(2e-3)
     # inside a bigger model (segment.py: 'backbone.'), and two-digit block indices
-    assert ft.vit_layer_id('backbone.blocks.10.mlp.fc1.weight', 12, 'backbone.') == 11
-    assert ft.vit_layer_id('backbone.pos_embed', 12, 'backbone.') == 0
-    assert ft.vit_layer_id('decode_head.conv.weight', 12, 'backbone.') == 13
+    assert engine.vit_layer_id('backbone.blocks.10.mlp.fc1.weight', 12, 'backbone.') == 11
+    assert engine.vit_layer_id('backbone.pos_embed', 12, 'backbone.') == 0
+    assert engine.vit_layer_id('decode_head.conv.weight', 12, 'backbone.') == 13
 
 
 def test_poly_lr_matches_mmseg_formula():
-    assert ft.poly_lr(0, 100, 0.01, 0.9, 1e-4) == pytest.approx(0.01)
-    assert ft.poly_lr(50, 100, 0.01, 0.9, 1e-4) == pytest.approx(1e-4 + (0.01 - 1e-4) * 0.5 ** 0.9)
-    assert ft.poly_lr(100, 100, 0.01, 0.9, 1e-4) == pytest.approx(1e-4)
-    assert ft.poly_lr(4, 100, 0.01, 0.9, 0.0, warmup_steps=10) == pytest.approx(0.01 * 0.96 ** 0.9 * 0.5)
+    assert engine.poly_lr(0, 100, 0.01, 0.9, 1e-4) == pytest.approx(0.01)
+    assert engine.poly_lr(50, 100, 0.01, 0.9, 1e-4) == pytest.approx(1e-4 + (0.01 - 1e-4) * 0.5 ** 0.9)
+    assert engine.poly_lr(100, 100, 0.01, 0.9, 1e-4) == pytest.approx(1e-4)
+    assert engine.poly_lr(4, 100, 0.01, 0.9, 0.0, warmup_steps=10) == pytest.approx(0.01 * 0.96 ** 0.9 * 0.5)
 
 
 # -- targets and losses ------------------------------------------------------------------------------------------------
@@ -171,15 +171,15 @@ def test_repeated_copies_get_their_own_augmentation():
 
 def test_shard_sampler_and_evaluate_count_every_image_once():
     n, world = 11, 4
-    shards = [list(ft.ShardSampler(n, world, r)) for r in range(world)]
+    shards = [list(engine.ShardSampler(n, world, r)) for r in range(world)]
     assert sorted(i for s in shards for i in s) == list(range(n))
     data = torch.utils.data.TensorDataset(torch.arange(n).float().view(n, 1), torch.arange(n) % 3)
-    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=ft.ShardSampler(n))
-    s = ft.evaluate(lambda x, y: dict(n=torch.tensor(len(y)), sum=x.sum(), hist=torch.bincount(y, minlength=3)),
+    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=engine.ShardSampler(n))
+    s = engine.evaluate(lambda x, y: dict(n=torch.tensor(len(y)), sum=x.sum(), hist=torch.bincount(y, minlength=3)),
                     loader, torch.device('cpu'))
     assert s['n'] == n and s['sum'] == sum(range(n)) and s['hist'].tolist() == [4, 4, 3]
     with pytest.raises(ValueError):
-        ft.ShardSampler(2, 4, 0)
+        engine.ShardSampler(2, 4, 0)
 
 
 # -- stochastic depth ------------------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_shard_sampler_and_evaluate_count_every_image_once():
 def test_stochastic_depth_drops_residual_branches_and_keeps_names():
     model = tiny_vit(depth=2)
     names = list(model.state_dict())
-    ft.add_stochastic_depth(model, 1.0)   # block 0: p = 0, block 1: p = 1 (its branches always dropped)
+    engine.add_stochastic_depth(model, 1.0)   # block 0: p = 0, block 1: p = 1 (its branches always dropped)
     assert list(model.state_dict()) == names
     x = torch.randn(3, 3, 8, 8)
     model.train()
@@ -203,7 +203,7 @@ def test_stochastic_depth_drops_residual_branches_and_keeps_names():
 
     net = torchvision.models.resnet18()                                    # BasicBlocks; resnet50 uses bn3
     names = list(net.state_dict())
-    ft.add_stochastic_depth(net, 1.0)
+    engine.add_stochastic_depth(net, 1.0)
     assert list(net.state_dict()) == names
     seen = {}
     net.layer4[-1].register_forward_hook(lambda m, i, o: seen.update(x=i[0], y=o))
@@ -227,21 +227,21 @@ def test_load_vit_from_train_checkpoint_export_and_wrappers(tmp_path):
                                         'head.1.weight': torch.zeros(2, 192)}}}
     for name, obj in paths.items():
         torch.save(obj, tmp_path / 'w.pth')
-        state, meta = ft.read_weights(str(tmp_path / 'w.pth'))
+        state, meta = engine.read_weights(str(tmp_path / 'w.pth'))
         assert set(state) == set(export), name
         assert meta == (ckpt['args'] if name == 'train.py checkpoint' else {})
         model = ft.build_classifier('vit_tiny', 7, 16, 4, drop_path=0.1)
-        missing, ignored = ft.load_pretrained(model, state, name, verbose=False)
+        missing, ignored = engine.load_pretrained(model, state, name, verbose=False)
         assert missing == ['head.weight', 'head.bias'] and ignored == []
         for k, v in export.items():
             assert torch.equal(model.state_dict()[k], v), k
     # another resolution: the position embeddings are resized, the cls embedding kept
     model = ft.build_classifier('vit_tiny', 7, 32, 4)
-    ft.load_pretrained(model, export, 'export', verbose=False)
+    engine.load_pretrained(model, export, 'export', verbose=False)
     assert torch.equal(model.pos_embed[:, 0], export['pos_embed'][:, 0])
     flat = torch.ones(1, 17, 5)
-    assert torch.allclose(ft.interpolate_pos_embed(flat, 64), torch.ones(1, 65, 5))
-    assert torch.allclose(ft.interpolate_pos_embed(export['pos_embed'], 16), export['pos_embed'])
+    assert torch.allclose(engine.interpolate_pos_embed(flat, 64), torch.ones(1, 65, 5))
+    assert torch.allclose(engine.interpolate_pos_embed(export['pos_embed'], 16), export['pos_embed'])
 
 
 def test_load_resnet_torchvision_and_export_layouts(tmp_path):
@@ -250,34 +250,34 @@ def test_load_resnet_torchvision_and_export_layouts(tmp_path):
     export = {k: v for k, v in tv.items() if not k.startswith('fc.')}          # train.py --export layout
     for state, n_classes, missing_fc in ((tv, 10, True), (tv, 1000, False), (export, 10, True)):
         model = ft.build_classifier('resnet50', n_classes)
-        missing, _ = ft.load_pretrained(model, state, 'resnet', verbose=False)
+        missing, _ = engine.load_pretrained(model, state, 'resnet', verbose=False)
         assert missing == (['fc.weight', 'fc.bias'] if missing_fc else [])
         assert torch.equal(model.layer3[2].conv2.weight, tv['layer3.2.conv2.weight'])
         assert torch.equal(model.bn1.running_var, tv['bn1.running_var'])
     probe = ft.LinearProbe(cim.build_enhancer('resnet50'), 10)               # fc of the file ignored, not an error
-    ft.load_pretrained(probe.backbone, tv, 'resnet', verbose=False)
+    engine.load_pretrained(probe.backbone, tv, 'resnet', verbose=False)
 
 
 def test_load_mismatches_are_clear_errors(tmp_path):
     resnet = {k: v for k, v in torchvision.models.resnet50().state_dict().items()}
     vit = cim.build_enhancer('vit_tiny', 16, 4).state_dict()
     with pytest.raises(ValueError, match='resnet weights but the model is a vit'):
-        ft.load_pretrained(ft.build_classifier('vit_tiny', 5, 16, 4), resnet, 'x')
+        engine.load_pretrained(ft.build_classifier('vit_tiny', 5, 16, 4), resnet, 'x')
     with pytest.raises(ValueError, match='vit weights but the model is a resnet'):
-        ft.load_pretrained(ft.build_classifier('resnet50', 5), vit, 'x')
+        engine.load_pretrained(ft.build_classifier('resnet50', 5), vit, 'x')
     with pytest.raises(ValueError, match=r'patch_embed.proj.weight is \[192, 3, 4, 4\] there and \[384'):
-        ft.load_pretrained(ft.build_classifier('vit_small', 5, 16, 4), vit, 'x')        # another width
+        engine.load_pretrained(ft.build_classifier('vit_small', 5, 16, 4), vit, 'x')        # another width
     with pytest.raises(ValueError, match='unexpected blocks.2'):
-        ft.load_pretrained(tiny_vit(depth=2), tiny_vit(depth=3).state_dict(), 'x')    # another depth
+        engine.load_pretrained(tiny_vit(depth=2), tiny_vit(depth=3).state_dict(), 'x')    # another depth
     with pytest.raises(ValueError, match='missing blocks.2'):
-        ft.load_pretrained(tiny_vit(depth=3), tiny_vit(depth=2).state_dict(), 'x')
+        engine.load_pretrained(tiny_vit(depth=3), tiny_vit(depth=2).state_dict(), 'x')
     torch.save([1, 2, 3], tmp_path / 'list.pth')
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
     for name in ('list.pth', 'junk.pth'):
         with pytest.raises(ValueError):
-            ft.read_weights(str(tmp_path / name))
+            engine.read_weights(str(tmp_path / name))
     with pytest.raises(FileNotFoundError):
-        ft.read_weights(str(tmp_path / 'missing.pth'))
+        engine.read_weights(str(tmp_path / 'missing.pth'))
 
 
 # -- end to end on a separable toy set -------------------------------------------------------------------------------

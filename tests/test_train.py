@@ -187,7 +187,7 @@ def _bad_input_cases(files, tmp):
         args = vars(train.get_args_parser().parse_args(
             [str(x) for x in tiny(files, tmp / name)]))
         engine.save_checkpoint(dict(model={}, args={**args, 'arch': arch, 'world_size': 1}, optimizer={}, scaler={},
-                                    rng=[], tokenizer=dict(vocab_size=vocab, downsample=4), epoch=0), str(tmp / name))
+                                    rng=[], log={}, tokenizer=dict(vocab_size=vocab, downsample=4), epoch=0), str(tmp / name))
     t = lambda *extra: tiny(files, tmp / 'out', *extra)  # noqa: E731
     return {
         'unknown arch': (t('--arch', 'vit_huge'), "argument --arch: invalid choice: 'vit_huge'"),
@@ -203,7 +203,7 @@ def _bad_input_cases(files, tmp):
         'batch larger than the data': (t('--batch-size', 32), "no optimizer step"),
         'generator width with sharing': (t('--gen-width', 96), "--no-share"),
         'resume another arch': (tiny(files, tmp / 'other_arch'), "--arch resnet50 (now vit_tiny)"),
-        'resume another tokenizer': (tiny(files, tmp / 'other_tok'), "tokenizer vocab"),
+        'resume another tokenizer': (tiny(files, tmp / 'other_tok'), "tokenizer {'vocab_size': 32"),
         'export without --to': (['--export', tmp / 'other_arch' / engine.CHECKPOINT], "--to"),
     }
 
