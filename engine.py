@@ -4,6 +4,7 @@ and kNN, command-line errors.
 The method itself lives in cim.py; nothing here is CIM-specific.
 """
 import argparse
+import copy
 import functools
 import gzip
 import itertools
@@ -717,6 +718,39 @@ def load_pretrained(model, state, source='weights', classifier=('head.', 'fc.'),
     return missing, ignored
 
 
+DEMO_CHECKPOINT = os.path.join('out', 'demo', CHECKPOINT)  # what `python train.py` (the demo) writes
+
+
+def resolve_init(init, demo):
+    """--init of finetune.py / segment.py -> (weights path or 'none', the pre-training run's args or {}).
+    Demo (no --data): train.py's demo checkpoint by default. Else --init is required. One-line errors."""
+    if demo:
+        init = init or DEMO_CHECKPOINT
+        if init != 'none' and not os.path.isfile(init):
+            raise FileNotFoundError(f"no --data: the demo fine-tunes train.py's demo checkpoint '{init}', which does "
+                                    f"not exist; run `python train.py` first or pass --init PATH")
+    elif init is None:
+        raise ValueError("--init is required with --data: pre-trained weights (train.py checkpoint or --export, "
+                         "torchvision / timm state dict) or 'none' to train from scratch")
+    return init, (read_weights(init)[1] if init != 'none' else {})
+
+
+def pretrained_vs_scratch(run, args, rank, device):
+    """The demos' comparison: run(args, rank, device, demo=True) from args.init and from random init ('none'), in
+    OUTPUT_DIR/pretrained and OUTPUT_DIR/scratch. -> {'pre-trained': result, 'random init': result} (only the
+    latter with --init none), or None when a run stopped early (--stop-after-steps)."""
+    results = {}
+    for name, init, sub in (('pre-trained', args.init, 'pretrained'), ('random init', 'none', 'scratch')):
+        if init == 'none' and name == 'pre-trained':
+            continue
+        a = copy.copy(args)
+        a.init, a.output_dir = init, os.path.join(args.output_dir, sub)
+        results[name] = run(a, rank, device, demo=True)
+        if results[name] is None:
+            return None
+    return results
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Logging and evaluation
 
@@ -809,6 +843,22 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f'error: {message}', file=sys.stderr)
         sys.exit(2)
+
+
+def add_run_args(group, output_dir_help, num_workers, save_every_steps, save_help):
+    """The flags every training script has (output, resume, precision, data workers, seed, logging, checkpoints,
+    non-finite steps), added to an argparse group."""
+    group.add_argument('--output-dir', default=None, help=output_dir_help)
+    group.add_argument('--resume', metavar='CKPT', default=None,
+                       help='checkpoint to resume; default: OUTPUT_DIR/checkpoint-last.pth when present')
+    group.add_argument('--amp', default='bf16', choices=('bf16', 'fp16', 'none'), help='autocast dtype')
+    group.add_argument('--num-workers', type=int, default=num_workers, help='data loader processes per GPU')
+    group.add_argument('--seed', type=int, default=0, help='model init, data order, augmentations')
+    group.add_argument('--log-every', type=int, default=50, help='steps between log.jsonl lines')
+    group.add_argument('--save-every-steps', type=int, default=save_every_steps, help=save_help)
+    group.add_argument('--max-bad-steps', type=int, default=20,
+                       help='stop after this many consecutive non-finite steps (they are skipped)')
+    return group
 
 
 class TrainingError(RuntimeError):

@@ -77,17 +77,9 @@ def get_args_parser():
     g = p.add_argument_group('system')
     g.add_argument('--data', metavar='DIR', help='ImageFolder root (ImageNet train) or flat image folder; '
                                                  'none: the built-in Fashion-MNIST demo')
-    g.add_argument('--output-dir', default=None, help='None: out/demo (demo), out/<arch>_<task>')
-    g.add_argument('--resume', metavar='CKPT', default=None,
-                   help='checkpoint to resume; None: OUTPUT_DIR/checkpoint-last.pth when present')
-    g.add_argument('--amp', default='bf16', choices=('bf16', 'fp16', 'none'), help='autocast dtype')
-    g.add_argument('--num-workers', type=int, default=8, help='data loader processes per GPU')
-    g.add_argument('--seed', type=int, default=0, help='model init, data order, crops, masks')
-    g.add_argument('--log-every', type=int, default=50, help='steps between log.jsonl lines')
-    g.add_argument('--save-every-steps', type=int, default=1000, help='also saved at every epoch end')
+    engine.add_run_args(g, 'default: out/demo (demo), out/<arch>_<task>', num_workers=8, save_every_steps=1000,
+                        save_help='steps between checkpoint-last.pth saves; also saved at every epoch end')
     g.add_argument('--vis-every', type=int, default=10, help='epochs between Fig. 2/3 PNGs (0: off)')
-    g.add_argument('--max-bad-steps', type=int, default=20, help='stop after this many consecutive '
-                                                                 'non-finite losses (steps are skipped)')
     g = p.add_argument_group('other modes')
     g.add_argument('--export', metavar='CKPT', help='write the enhancer backbone of CKPT to --to')
     g.add_argument('--to', metavar='PATH', help='output of --export')
