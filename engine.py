@@ -13,6 +13,7 @@ import math
 import os
 import random
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -324,7 +325,6 @@ class Metrics:
         return out
 
 
-
 class SkippedSteps:
     """Optimizer steps skipped for non-finite loss or gradients, counted on device (no host sync per step).
 
@@ -351,6 +351,38 @@ class SkippedSteps:
         if run >= self.max_bad:
             raise TrainingError(f'{run} consecutive steps had a non-finite loss or gradients and were skipped; '
                                 f'stopped at step {step} (the last good checkpoint is in {where}); {hint}')
+
+
+class TrainLog:
+    """What a training loop reports, with no host sync per step: per-step scalars (Metrics; the step function adds
+    its losses to .metrics), optimizer steps skipped for non-finite values (SkippedSteps) and images/s.
+
+    step(grad_norm, lr) after each optimizer step. write(log, pbar, lr, done, hint, **position) every log_every
+    steps (done: optimizer steps so far): one host sync, one log.jsonl line (rank 0) with `position` (epoch=,
+    step= or iter=), the tqdm postfix, then the stop after max_bad consecutive skipped steps (TrainingError).
+    log: the run's dict holding the 'n_bad_images' and 'skipped_steps' totals."""
+
+    def __init__(self, device, path, images_per_step, max_bad):
+        self.metrics, self.skipped = Metrics(device), SkippedSteps(device, max_bad)
+        self.path, self.images_per_step = path, images_per_step
+        self.t, self.n = time.time(), 0
+
+    def step(self, grad_norm, lr):
+        self.skipped.update(grad_norm)  # non-finite: the scaler skipped the step
+        self.metrics.update(grad_norm=grad_norm, lr=lr)
+        self.n += 1
+
+    def write(self, log, pbar, lr, done, hint, **position):
+        m = self.metrics.reduce()
+        bad_run = self.skipped.collect(log)
+        log['n_bad_images'] += int(m.pop('n_bad_images'))
+        imgs_s = self.n * self.images_per_step / (time.time() - self.t)
+        self.t, self.n = time.time(), 0
+        if is_main():
+            log_jsonl(self.path, dict(position, **m, imgs_per_s=imgs_s, n_bad_images=log['n_bad_images'],
+                                      skipped_steps=log['skipped_steps']))
+            pbar.set_postfix(imgs_s=f'{imgs_s:.1f}', loss=f"{m['loss']:.4f}", lr=f'{lr:.2e}')
+        self.skipped.stop_if_stuck(bad_run, done, os.path.dirname(self.path), hint)
 
 
 # ----------------------------------------------------------------------------------------------------------------

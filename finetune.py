@@ -23,7 +23,6 @@ import contextlib
 import functools
 import os
 import random
-import time
 
 import numpy as np
 import torch
@@ -360,12 +359,12 @@ def train_one_epoch(model, ddp, loader, optimizer, scaler, mixer, sched, epoch, 
     ddp.train()
     params = [p for p in model.parameters() if p.requires_grad]
     criterion, channels_last = LOSSES[args.loss], args.arch == 'resnet50'
-    metrics, it = engine.Metrics(device), iter(loader)
-    skipped = engine.SkippedSteps(device, args.max_bad_steps)
+    it = iter(loader)
+    tlog = engine.TrainLog(device, os.path.join(args.output_dir, 'log.jsonl'),
+                           args.accum_iter * args.batch_size * args.world_size, args.max_bad_steps)
     steps = sched['steps_per_epoch']
     pbar = tqdm(total=steps, initial=start_step, desc=f'epoch {epoch + 1}/{args.epochs}',
                 disable=not engine.is_main(), dynamic_ncols=True)
-    t_log, n_log = time.time(), 0
     for step in range(start_step, steps):
         gstep = epoch * steps + step
         lr = engine.cosine_lr(gstep, sched['total_steps'], sched['warmup_steps'], sched['lr'], args.min_lr)
@@ -382,25 +381,13 @@ def train_one_epoch(model, ddp, loader, optimizer, scaler, mixer, sched, epoch, 
                     logits = ddp(imgs)
                 loss = criterion(logits, targets)
                 scaler.scale(loss / args.accum_iter).backward()
-            metrics.update(loss=loss.detach())
-            metrics.add(n_bad_images=n_bad.sum())
+            tlog.metrics.update(loss=loss.detach())
+            tlog.metrics.add(n_bad_images=n_bad.sum())
         grad_norm = engine.optimizer_step(optimizer, scaler, params, args.amp, args.clip_grad or None)
-        skipped.update(grad_norm)  # non-finite: the scaler skipped the step
-        metrics.update(grad_norm=grad_norm, lr=lr)
+        tlog.step(grad_norm, lr)
         pbar.update(1)
-        n_log += 1
         if (step + 1) % args.log_every == 0 or step + 1 == steps:
-            m = metrics.reduce()
-            bad_run = skipped.collect(log)
-            imgs_s = n_log * args.accum_iter * args.batch_size * args.world_size / (time.time() - t_log)
-            log['n_bad_images'] += int(m.pop('n_bad_images'))
-            if engine.is_main():
-                engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(
-                    epoch=epoch, step=gstep + 1, **m, imgs_per_s=imgs_s, n_bad_images=log['n_bad_images'],
-                    skipped_steps=log['skipped_steps']))
-                pbar.set_postfix(imgs_s=f'{imgs_s:.0f}', loss=f"{m['loss']:.4f}", lr=f'{lr:.2e}')
-            skipped.stop_if_stuck(bad_run, gstep + 1, args.output_dir, 'try a lower --blr or --lr')
-            t_log, n_log = time.time(), 0
+            tlog.write(log, pbar, lr, gstep + 1, 'try a lower --blr or --lr', epoch=epoch, step=gstep + 1)
         stop = args.stop_after_steps and gstep + 1 >= args.stop_after_steps
         if stop or (args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < steps):
             save(model, optimizer, scaler, args, epoch, step + 1, log)

@@ -25,7 +25,6 @@ import contextlib
 import itertools
 import os
 import random
-import time
 import warnings
 
 import numpy as np
@@ -604,30 +603,17 @@ def run(args, rank, device, demo=False):
               f'{args.accum_iter}), peak lr {args.lr:.2e}, amp {args.amp}, eval {args.eval_mode}, output '
               f'{args.output_dir}')
     batches = endless_batches(loader, sampler, dataset, start, steps_per_epoch, args.accum_iter)
-    metrics, skipped = engine.Metrics(device), engine.SkippedSteps(device, args.max_bad_steps)
+    tlog = engine.TrainLog(device, os.path.join(args.output_dir, 'log.jsonl'), total_batch, args.max_bad_steps)
     pbar = tqdm(total=args.iters, initial=start, desc='train', disable=not engine.is_main(), dynamic_ncols=True)
-    t_log, n_log = time.time(), 0
     for it in range(start, args.iters):
         lr = engine.poly_lr(it, args.iters, args.lr, args.power, args.min_lr, args.warmup_iters)
         engine.set_lr(optimizer, lr)
         ddp.train()
-        grad_norm = train_step(model, ddp, batches, optimizer, scaler, args, device, dtype, metrics)
-        skipped.update(grad_norm)  # non-finite: the scaler skipped the step
-        metrics.update(grad_norm=grad_norm, lr=lr)
+        tlog.step(train_step(model, ddp, batches, optimizer, scaler, args, device, dtype, tlog.metrics), lr)
         pbar.update(1)
-        n_log, done = n_log + 1, it + 1
+        done = it + 1
         if done % args.log_every == 0 or done == args.iters:
-            m = metrics.reduce()
-            bad_run = skipped.collect(log)
-            log['n_bad_images'] += int(m.pop('n_bad_images'))
-            imgs_s = n_log * total_batch / (time.time() - t_log)
-            if engine.is_main():
-                engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(
-                    iter=done, epoch=it // steps_per_epoch, **m, imgs_per_s=imgs_s, n_bad_images=log['n_bad_images'],
-                    skipped_steps=log['skipped_steps']))
-                pbar.set_postfix(loss=f"{m['loss']:.4f}", lr=f'{lr:.2e}', imgs_s=f'{imgs_s:.1f}')
-            skipped.stop_if_stuck(bad_run, done, args.output_dir, 'try a lower --lr')
-            t_log, n_log = time.time(), 0
+            tlog.write(log, pbar, lr, done, 'try a lower --lr', iter=done, epoch=it // steps_per_epoch)
         if done % args.eval_every == 0 or done == args.iters:  # before saving: a resumed run skips this evaluation
             evaluate_and_log(model, val_loader, val_set, classes, args, done, log, device, dtype)
         stop = args.stop_after_steps and done >= args.stop_after_steps

@@ -154,31 +154,19 @@ def train_one_epoch(model, ddp, loader, optimizer, scaler, sched, epoch, start_s
     """Optimizer steps start_step .. sched['steps_per_epoch'] of one epoch; logs every args.log_every steps
     (the only host syncs), saves every args.save_every_steps. -> False when --stop-after-steps stopped it."""
     ddp.train()
-    steps, metrics, batches = sched['steps_per_epoch'], engine.Metrics(device), iter(loader)
-    skipped = engine.SkippedSteps(device, args.max_bad_steps)
-    t_log, n_log = time.time(), 0
+    steps, batches = sched['steps_per_epoch'], iter(loader)
+    tlog = engine.TrainLog(device, os.path.join(args.output_dir, 'log.jsonl'),
+                           args.accum_iter * args.batch_size * args.world_size, args.max_bad_steps)
     with tqdm(total=steps, initial=start_step, desc=f'epoch {epoch + 1}/{args.epochs}', dynamic_ncols=True,
               disable=not engine.is_main()) as pbar:
         for step in range(start_step, steps):
             gstep = epoch * steps + step
             lr = engine.cosine_lr(gstep, sched['total_steps'], sched['warmup_steps'], sched['lr'], args.min_lr)
             engine.set_lr(optimizer, lr)
-            grad_norm = train_step(model, ddp, batches, optimizer, scaler, args, device, dtype, metrics)
-            skipped.update(grad_norm)  # non-finite: the scaler skipped the step
-            metrics.update(grad_norm=grad_norm, lr=lr)
+            tlog.step(train_step(model, ddp, batches, optimizer, scaler, args, device, dtype, tlog.metrics), lr)
             pbar.update(1)
-            n_log += 1
             if (step + 1) % args.log_every == 0 or step + 1 == steps:
-                m = metrics.reduce()
-                bad_run = skipped.collect(log)
-                log['n_bad_images'] += int(m.pop('n_bad_images'))
-                imgs_s = n_log * args.accum_iter * args.batch_size * args.world_size / (time.time() - t_log)
-                t_log, n_log = time.time(), 0
-                if engine.is_main():
-                    engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'),
-                                     dict(epoch=epoch, step=gstep + 1, **m, imgs_per_s=imgs_s, **log))
-                    pbar.set_postfix(imgs_s=f'{imgs_s:.0f}', loss=f"{m['loss']:.4f}", lr=f'{lr:.2e}')
-                skipped.stop_if_stuck(bad_run, gstep + 1, args.output_dir, 'try a lower --blr or --lr')
+                tlog.write(log, pbar, lr, gstep + 1, 'try a lower --blr or --lr', epoch=epoch, step=gstep + 1)
             stop = args.stop_after_steps and gstep + 1 >= args.stop_after_steps
             if stop or (args.save_every_steps and (gstep + 1) % args.save_every_steps == 0 and step + 1 < steps):
                 save(model, optimizer, scaler, args, epoch, step + 1, steps, log)
