@@ -64,6 +64,24 @@ def list_images(root):
     return paths, labels, classes
 
 
+def _read_rgb(path):
+    with Image.open(path) as im:
+        return im.convert('RGB')  # decodes fully: a truncated file raises here
+
+
+def read_skipping_bad(i, n, read, name, max_bad=100):
+    """read(j) for j = i, i + 1, ... (mod n) until one works -> (read(j), j, n_bad): a file read() cannot decode
+    (OSError, ValueError, DecompressionBombError) is warned about (`name(j)` says which) and the next one stands in,
+    so an epoch keeps its length; n_bad counts the skipped ones. ValueError when max_bad in a row fail."""
+    for n_bad in range(min(n, max_bad)):
+        j = (i + n_bad) % n
+        try:
+            return read(j), j, n_bad
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            warnings.warn(f'skipping unreadable {name(j)}: {e}')
+    raise ValueError(f'none of {min(n, max_bad)} consecutive files from {name(i)} could be read')
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """An image folder (see list_images) whose unreadable files are skipped, not fatal.
 
@@ -80,18 +98,9 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        for n_bad in range(min(len(self.paths), 100)):
-            j = (i + n_bad) % len(self.paths)
-            try:
-                with Image.open(self.paths[j]) as im:
-                    img = im.convert('RGB')  # decodes fully: a truncated file raises here
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                warnings.warn(f"skipping unreadable image '{self.paths[j]}': {e}")
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, self.labels[j], n_bad
-        raise ValueError(f"none of {n_bad + 1} consecutive images from '{self.paths[i]}' could be read")
+        img, j, n_bad = read_skipping_bad(i, len(self.paths), lambda j: _read_rgb(self.paths[j]),
+                                          lambda j: f"image '{self.paths[j]}'")
+        return (self.transform(img) if self.transform is not None else img), self.labels[j], n_bad
 
 
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)  # Debian's dataset-fashion-mnist package
@@ -228,7 +237,8 @@ class ShardSampler(torch.utils.data.Sampler):
 
 def train_loader(dataset, sampler, batch_size, accum_iter, num_workers, seed, device):
     """The training DataLoader (full batches, pinned memory on CUDA, seeded worker order) -> (loader, optimizer
-    steps per epoch). sampler: a ResumableSampler (or one with its num_samples and num_replicas). Raises ValueError when the dataset is too small for a single optimizer step."""
+    steps per epoch). sampler: a ResumableSampler (or one with its num_samples and num_replicas). Raises
+    ValueError when the dataset is too small for a single optimizer step."""
     loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers,
                                          pin_memory=device.type == 'cuda', drop_last=True,
                                          generator=torch.Generator().manual_seed(seed))

@@ -25,7 +25,6 @@ import contextlib
 import itertools
 import os
 import random
-import warnings
 
 import numpy as np
 import torch
@@ -141,25 +140,24 @@ class ADE20K(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def __getitem__(self, i):
-        for n_bad in range(min(len(self.pairs), 100)):
-            img_path, ann_path = self.pairs[(i + n_bad) % len(self.pairs)]
-            try:
-                with Image.open(img_path) as im, Image.open(ann_path) as an:
-                    img, mask = im.convert('RGB'), np.array(an)  # decodes fully: a truncated file raises here
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                warnings.warn(f"skipping unreadable image or annotation '{img_path}' / '{ann_path}': {e}")
-                continue
-            if mask.ndim != 2 or mask.dtype != np.uint8 or mask.shape != (img.height, img.width):
-                raise ValueError(f"annotation '{ann_path}' is not a single-channel 8-bit PNG of the image's size "
-                                 f"{img.width}x{img.height} (ADEChallengeData2016 annotations hold class indices)")
-            mask = reduce_zero_label(mask) if self.reduce_zero else mask
-            if ((mask != IGNORE) & (mask >= self.num_classes)).any():
-                raise ValueError(f"annotation '{ann_path}' has label {mask[mask != IGNORE].max() + self.reduce_zero} "
-                                 f"but the dataset has {self.num_classes} classes")
-            img, mask = self.transform(tv_tensors.Image(TF.pil_to_tensor(img)), tv_tensors.Mask(torch.from_numpy(mask)))
-            return img, mask, n_bad
-        raise ValueError(f"none of {n_bad + 1} consecutive images from '{self.pairs[i][0]}' could be read")
+        (img, mask), j, n_bad = engine.read_skipping_bad(i, len(self.pairs), self._read,
+                                                          lambda j: "image or annotation '%s' / '%s'" % self.pairs[j])
+        ann_path = self.pairs[j][1]
+        if mask.ndim != 2 or mask.dtype != np.uint8 or mask.shape != (img.height, img.width):
+            raise ValueError(f"annotation '{ann_path}' is not a single-channel 8-bit PNG of the image's size "
+                             f"{img.width}x{img.height} (ADEChallengeData2016 annotations hold class indices)")
+        mask = reduce_zero_label(mask) if self.reduce_zero else mask
+        if ((mask != IGNORE) & (mask >= self.num_classes)).any():
+            raise ValueError(f"annotation '{ann_path}' has label {mask[mask != IGNORE].max() + self.reduce_zero} "
+                             f"but the dataset has {self.num_classes} classes")
+        img, mask = self.transform(tv_tensors.Image(TF.pil_to_tensor(img)), tv_tensors.Mask(torch.from_numpy(mask)))
+        return img, mask, n_bad
 
+    def _read(self, j):
+        """Pair j decoded: (RGB PIL image, annotation uint8 array); a truncated file raises here."""
+        img_path, ann_path = self.pairs[j]
+        with Image.open(img_path) as im, Image.open(ann_path) as an:
+            return im.convert('RGB'), np.array(an)
 
 def class_names(root, num_classes):
     """ADE20K's class names from root/objectInfo150.txt (tab-separated, the name last), else '0', '1', ..."""
