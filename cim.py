@@ -1,20 +1,25 @@
 """Corrupted Image Modeling (Fang et al., ICLR 2023), step by step, in the order the data flows.
 
-One pre-training step (Fig. 1b, Sec. 2):
+One pre-training step (Fig. 1b, Sec. 2), as CIM.forward calls it:
 
-    clean image ─► frozen tokenizer encoder ─► golden tokens g                 (Sec. 2.1)
-    clean image ─► patch embeddings ─► mask m ─► small BEiT ─► p_BEiT          (Eq. 1)
-    p_BEiT ─► sample ─► x_corrupted = replace(g, m, x_sampled)                 (Eq. 2)
-    x_corrupted ─► frozen tokenizer decoder ─► corrupted image                 (Sec. 2.3)
-    corrupted image ─► enhancer (ViT or ResNet-50) ─► RESPIX or REVDET head    (Sec. 2.2)
-    loss = generator MIM loss + enhancer weight × enhancer loss                 (Table 9)
+    clean image ─► frozen tokenizer encoder ─► golden tokens g                 tokenize  (Sec. 2.1)
+    clean image ─► patch embeddings ─► mask m ─► small BEiT ─► p_BEiT          generate  (Eq. 1)
+    p_BEiT ─► sample ─► x_corrupted = replace(g, m, x_sampled) ─► decoder      corrupt   (Eq. 2, Sec. 2.1)
+    corrupted image ─► enhancer (ViT or ResNet-50) ─► RESPIX or REVDET head    enhance   (Sec. 2.2)
+    loss = generator MIM loss + enhancer weight x enhancer loss                           (Sec. 2.3, Table 9)
 
-The tokenizer (DALL-E dVAE or a small trained one) lives in dvae.py; training plumbing in train.py/engine.py.
+The tokenizer is any frozen module with this interface (dvae.py has the DALL-E dVAE and a small trainable one):
+    tokenizer.encode(imgs)    imgs: [B, 3, s, s] float in [0, 1] -> tokens [B, s/d, s/d] long (argmax codes)
+    tokenizer.decode(tokens)  tokens: [B, h, w] long -> images [B, 3, h*d, w*d] float in [0, 1]
+    tokenizer.vocab_size      number of codes (DALL-E: 8192)
+    tokenizer.downsample      d, pixels per token side (DALL-E: 8, so 14 x 14 tokens from 112 px)
+
 Usage:
     tok = dvae.load_tokenizer('dalle/')                   # encoder.pkl + decoder.pkl
     model = CIM(tok, arch='vit_base', task='respix')
     out = model(imgs_224_normalized, imgs_112_in_0_1)     # dict: loss, gen_loss, mim_acc, enh_loss, ...
     out['loss'].backward()
+Training plumbing is in train.py and engine.py; this file imports nothing of ours.
 """
 import math
 import random
@@ -24,11 +29,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from PIL import Image, ImageDraw, ImageFont
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ('vit_tiny', 'vit_small', 'vit_base', 'resnet50')
 TASKS = ('respix', 'revdet')
+MASK_TYPES = ('random', 'block')                 # Table 4
+SAMPLINGS = ('softmax', 'argmax', 'uniform')     # Table 7
+TARGET_NORMS = ('sliding', 'patch', 'none')      # Table 6
 VIT_CONFIGS = {'vit_tiny': dict(embed_dim=192, depth=12, num_heads=3),   # DeiT-Ti / timm vit_tiny_patch16_224
                'vit_small': dict(embed_dim=384, depth=12, num_heads=6),
                'vit_base': dict(embed_dim=768, depth=12, num_heads=12)}
@@ -40,9 +49,10 @@ NO_WEIGHT_DECAY_KEYS = ('bias', 'norm', 'bn', 'downsample.1', 'pos_embed', 'cls_
 
 def mask_count_range(num_patches, mask_ratio):
     """(k_min, k_max) for n patches and a ratio range; (100/196, 120/196) gives (100, 120) at n = 196."""
-    k_min, k_max = round(mask_ratio[0] * num_patches), round(mask_ratio[1] * num_patches)
+    k_min = round(mask_ratio[0] * num_patches)
+    k_max = round(mask_ratio[1] * num_patches)
     if not 0 < k_min <= k_max < num_patches:
-        raise ValueError(f"mask ratio {mask_ratio} masks {k_min}..{k_max} of {num_patches} patches; "
+        raise ValueError(f"mask ratio {tuple(mask_ratio)} masks {k_min}..{k_max} of {num_patches} patches; "
                          f"need 0 < min <= max < {num_patches}")
     return k_min, k_max
 
@@ -75,13 +85,16 @@ def blockwise_mask(num_masked, grid, min_block=16, min_aspect=0.3, rng=None):
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     lo = max(1, min(min_block, num_masked, (grid - 1) ** 2))  # a block must fit: h, w < grid
     while mask.sum() < num_masked:
-        budget, added = num_masked - int(mask.sum()), 0
+        budget = num_masked - int(mask.sum())
+        added = 0
         for _ in range(10):  # BEiT tries 10 rectangles for each block
             area = rng.uniform(min(lo, budget), max(lo, budget))
             aspect = math.exp(rng.uniform(*log_aspect))
-            h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
             if 0 < h < grid and 0 < w < grid:
-                top, left = rng.randint(0, grid - h), rng.randint(0, grid - w)
+                top = rng.randint(0, grid - h)
+                left = rng.randint(0, grid - w)
                 new = h * w - int(mask[top:top + h, left:left + w].sum())
                 if 0 < new <= budget:
                     mask[top:top + h, left:left + w] = True
@@ -94,16 +107,6 @@ def blockwise_mask(num_masked, grid, min_block=16, min_aspect=0.3, rng=None):
     free = np.flatnonzero(~mask.reshape(-1))  # the last few, if still short: single patches
     mask.reshape(-1)[rng.sample(list(free), num_masked - int(mask.sum()))] = True
     return torch.from_numpy(mask.reshape(-1))
-
-
-def masked_positions(mask, k):
-    """Indices of the masked positions first, k of them per image (k >= the largest mask count).
-
-    mask: [B, N] bool -> (pos: [B, k] long, valid: [B, k] bool). Lets the generator head and the softmax
-    run on k (e.g. 120) instead of N (196) positions without a host sync; `valid` is False on padding.
-    """
-    pos = mask.byte().argsort(dim=1, descending=True, stable=True)[:, :k]
-    return pos, mask.gather(1, pos)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -139,25 +142,29 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):
-    """Pre-norm Transformer block; no LayerScale, dropout or drop-path in pre-training (Table 9)."""
+    """Pre-norm Transformer block. Stochastic depth (drop_path > 0) drops each residual branch for whole samples and
+    scales the kept ones by 1 / (1 - p), as timm and DINO; pre-training uses none (Table 9), fine-tuning 0.1."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = torchvision.ops.StochasticDepth(drop_path, 'row') if drop_path > 0 else nn.Identity()
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 def init_vit_weights(module):
@@ -175,32 +182,38 @@ class VisionTransformer(nn.Module):
     """Vanilla ViT (1-D absolute position embedding, cls token, no LayerScale, no relative position bias).
 
     State-dict names and shapes equal timm's VisionTransformer (`vit_small_patch16_224`, ...), so the weights load
-    there. num_classes=0 gives `head = Identity` (pre-training); finetune.py sets a classifier.
+    there; so do the attributes CIM reads (patch_embed.proj, blocks, num_prefix_tokens, forward_features).
+    num_classes=0 gives `head = Identity` (pre-training); finetune.py sets a classifier. drop_path_rate: stochastic
+    depth rising linearly from 0 at the first block to the rate at the last (timm / BEiT).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 num_classes=0):
+                 num_classes=0, drop_path_rate=0.0):
         super().__init__()
-        self.embed_dim, self.num_heads, self.patch_size = embed_dim, num_heads, patch_size
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.num_prefix_tokens = 1  # the cls token
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, embed_dim))
-        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads) for _ in range(depth)])
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(*[Block(embed_dim, num_heads, drop_path=r) for r in rates])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
         init_vit_weights(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
-    def forward_tokens(self, imgs):
-        """imgs: [B, 3, H, W] -> tokens after the final norm: [B, 1 + N, D] (cls first)."""
+    def forward_features(self, imgs):
+        """imgs: [B, 3, H, W] -> tokens after the final norm: [B, 1 + N, D] (cls first), as timm's."""
         x = self.patch_embed(imgs)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.norm(self.blocks(x))
 
     def forward(self, imgs):
         """Classification on the average-pooled patch tokens (see finetune.py for why). -> [B, num_classes]."""
-        return self.head(self.forward_tokens(imgs)[:, 1:].mean(dim=1))
+        return self.head(self.forward_features(imgs)[:, 1:].mean(dim=1))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -232,30 +245,29 @@ class Generator(nn.Module):
         for p in (self.cls_token, self.pos_embed, self.mask_token):
             nn.init.trunc_normal_(p, std=0.02)
 
-    def forward(self, imgs, mask, pos=None):
-        """imgs: [B, 3, H, W] normalized, mask: [B, N] bool, pos: [B, k] positions to predict (default all)
-        -> logits [B, k, vocab]. x_masked = replace(x, m, [MASK]) is Eq. 1."""
-        x = self.patch_embed(imgs)                                      # [B, N, D]
-        w = mask.unsqueeze(-1).to(x.dtype)
-        x = x * (1 - w) + self.mask_token.to(x.dtype) * w               # Eq. 1: replace(x, m, [MASK])
+    def forward(self, imgs, mask):
+        """imgs: [B, 3, H, W] normalized, mask: [B, N] bool -> logits [B, N, vocab] at every position.
+
+        Only the masked positions are trained and sampled; predicting all N keeps the step free of gathers and
+        costs ~1% of a ViT-B CIM step (README, bench.py)."""
+        x = self.patch_embed(imgs)                                                 # [B, N, D]
+        x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)      # Eq. 1: replace(x, m, [MASK])
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
-        x = x[:, 1:]
-        if pos is not None:
-            x = x.gather(1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        return self.head(self.norm(x))
+        return self.head(self.norm(x[:, 1:]))
 
 
-def mim_loss(logits, golden, valid):
+def mim_loss(logits, golden, mask):
     """BEiT's MIM objective (Sec. 2.3): cross-entropy of the golden tokens at the masked positions.
 
-    logits: [B, k, V], golden: [B, k] long, valid: [B, k] bool -> (loss, accuracy), 0-dim tensors.
+    logits: [B, N, V], golden: [B, N] long, mask: [B, N] bool -> (loss, accuracy), 0-dim tensors, both over the
+    masked positions only (no host sync: unmasked targets are ignore_index).
     """
-    ce = F.cross_entropy(logits.float().flatten(0, 1), golden.flatten(), reduction='none').view_as(golden)
-    n = valid.sum().clamp(min=1)
-    acc = ((logits.argmax(-1) == golden) & valid).sum() / n
-    return (ce * valid).sum() / n, acc
+    target = torch.where(mask, golden, -100)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
+    acc = ((logits.argmax(-1) == golden) & mask).sum() / mask.sum().clamp(min=1)
+    return loss, acc
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -276,7 +288,7 @@ def sample_tokens(logits, strategy='softmax', temperature=1.0):
         return logits.argmax(-1)
     if strategy == 'uniform':
         return torch.randint(logits.shape[-1], logits.shape[:-1], device=logits.device)
-    raise ValueError(f"unknown sampling strategy '{strategy}' (choose softmax, argmax or uniform)")
+    raise ValueError(f"unknown sampling strategy '{strategy}' (choose from {', '.join(SAMPLINGS)})")
 
 
 def replace_tokens(golden, mask, sampled):
@@ -312,10 +324,11 @@ def decode_tokens(tokenizer, tokens, grid, out_size, mean=IMAGENET_MEAN, std=IMA
 # ------------------------------------------------------------------------------------------------------------------
 # 6. Enhancers (Sec. 2.2): a vanilla ViT or torchvision's ResNet-50, plus a one-layer prediction head
 
-def build_enhancer(arch, img_size=224, patch_size=16):
-    """The network being pre-trained, without classifier: cim.VisionTransformer or torchvision resnet50."""
+def build_enhancer(arch, img_size=224, patch_size=16, drop_path=0.0):
+    """The network being pre-trained, without classifier: cim.VisionTransformer or torchvision resnet50.
+    drop_path: stochastic depth of the ViT's blocks (fine-tuning; ResNet-50 gets it from engine.py's hooks)."""
     if arch in VIT_CONFIGS:
-        return VisionTransformer(img_size, patch_size, **VIT_CONFIGS[arch])
+        return VisionTransformer(img_size, patch_size, drop_path_rate=drop_path, **VIT_CONFIGS[arch])
     if arch == 'resnet50':
         net = torchvision.models.resnet50()  # unchanged (footnote 5); the classifier is unused in pre-training
         net.fc = nn.Identity()
@@ -323,13 +336,18 @@ def build_enhancer(arch, img_size=224, patch_size=16):
     raise ValueError(f"unknown arch '{arch}' (choose from {', '.join(ARCHS)})")
 
 
+def is_vit(net):
+    """A ViT by timm's attribute names (ours, or timm's own VisionTransformer); else a torchvision ResNet."""
+    return hasattr(net, 'patch_embed') and hasattr(net, 'blocks')
+
+
 def enhancer_feature_map(enhancer, imgs):
     """Final feature map of an enhancer. imgs: [B, 3, H, W] -> [B, D, h, w]
     (ViT: patch tokens after the final norm, h = H / patch; ResNet-50: layer4, h = H / 32)."""
-    if isinstance(enhancer, VisionTransformer):
-        x = enhancer.forward_tokens(imgs)[:, 1:]
-        g = imgs.shape[-1] // enhancer.patch_size
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], g, g)
+    if is_vit(enhancer):
+        x = enhancer.forward_features(imgs)[:, enhancer.num_prefix_tokens:]      # [B, h*w, D]
+        ph, pw = enhancer.patch_embed.proj.stride
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], imgs.shape[-2] // ph, imgs.shape[-1] // pw)
     r = enhancer
     x = r.maxpool(r.relu(r.bn1(r.conv1(imgs.contiguous(memory_format=torch.channels_last)))))
     return r.layer4(r.layer3(r.layer2(r.layer1(x))))
@@ -420,10 +438,18 @@ def respix_loss(pred, target):
 # 8. REVDET (Sec. 2.2): detect, for every token, whether the generator replaced it
 
 def revdet_loss(logits, replaced):
-    """Per-token binary cross-entropy. logits: [B, N], replaced: [B, N] bool -> (loss, accuracy)."""
-    logits = logits.float()
-    acc = ((logits > 0) == replaced).float().mean()
-    return F.binary_cross_entropy_with_logits(logits, replaced.float()), acc
+    """Per-token binary cross-entropy. logits: [B, N], replaced: [B, N] bool -> 0-dim loss."""
+    return F.binary_cross_entropy_with_logits(logits.float(), replaced.float())
+
+
+def revdet_metrics(logits, replaced):
+    """Detection accuracy next to what guessing gives, so that learning can be told from guessing: majority_acc
+    (always answer the more frequent label) and label_entropy (nats: the BCE of the best constant answer).
+    logits: [B, N], replaced: [B, N] bool -> dict of 0-dim tensors."""
+    p = replaced.float().mean()
+    return dict(det_acc=((logits.float() > 0) == replaced).float().mean(),
+                majority_acc=torch.maximum(p, 1 - p),
+                label_entropy=torch.special.entr(p) + torch.special.entr(1 - p))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -432,54 +458,60 @@ def revdet_loss(logits, replaced):
 class CIM(nn.Module):
     """Generator + enhancer around a frozen tokenizer. forward(enhancer view, tokenizer view) -> losses, metrics.
 
-    arch: vit_tiny | vit_small | vit_base | resnet50; task: respix | revdet. Defaults are Table 9's.
+    arch: vit_tiny | vit_small | vit_base | resnet50, or a network: a ViT with timm's attribute names or a
+    torchvision ResNet-50 with fc removed. task: respix | revdet. Defaults are Table 9's.
     """
 
-    def __init__(self, tokenizer, arch='vit_base', task='respix', img_size=224, patch_size=16, in_chans=3,
-                 gen_depth=4, gen_width=None, mask_ratio=(100 / 196, 120 / 196), mask_type='random',
-                 sampling='softmax', temperature=1.0, target_norm='sliding', share_layers=True,
-                 enhancer_weight=None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, tokenizer, arch='vit_base', task='respix', img_size=224, patch_size=16, gen_depth=4,
+                 gen_width=None, mask_ratio=(100 / 196, 120 / 196), mask_type='random', sampling='softmax',
+                 temperature=1.0, target_norm='sliding', share_layers=True, enhancer_weight=None,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
-        if task not in TASKS:
-            raise ValueError(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
-        if mask_type not in ('random', 'block'):
-            raise ValueError(f"unknown mask type '{mask_type}' (choose random or block)")
-        if in_chans != 3 or img_size % patch_size:
-            raise ValueError(f"image size {img_size} must be a multiple of the patch size {patch_size} "
-                             f"(and images RGB)")
-        sample_tokens(torch.zeros(1, 2), sampling)  # validates the strategy name
-        respix_target(torch.zeros(1, 3, patch_size, patch_size), target_norm, patch_size)  # validates the name
-        self.arch, self.task, self.img_size, self.patch_size = arch, task, img_size, patch_size
+        for name, value, choices in (('task', task, TASKS), ('mask type', mask_type, MASK_TYPES),
+                                     ('sampling', sampling, SAMPLINGS), ('target norm', target_norm, TARGET_NORMS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} '{value}' (choose from {', '.join(choices)})")
+        if img_size % patch_size:
+            raise ValueError(f'image size {img_size} is not a multiple of the patch size {patch_size}')
+        self.arch = arch if isinstance(arch, str) else type(arch).__name__
+        self.task = task
+        self.img_size = img_size
+        self.patch_size = patch_size
         self.grid = img_size // patch_size
         self.num_patches = self.grid ** 2
-        self.mask_ratio, self.mask_type = tuple(mask_ratio), mask_type
+        self.mask_ratio = tuple(mask_ratio)
+        self.mask_type = mask_type
         self.k_min, self.k_max = mask_count_range(self.num_patches, mask_ratio)
-        self.sampling, self.temperature, self.target_norm = sampling, temperature, target_norm
-        self.enhancer_weight = enhancer_weight if enhancer_weight is not None else (10.0 if task == 'respix' else 1.0)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.sampling = sampling
+        self.temperature = temperature
+        self.target_norm = target_norm
+        self.enhancer_weight = enhancer_weight
+        if enhancer_weight is None:
+            self.enhancer_weight = 10.0 if task == 'respix' else 1.0  # Table 9
+        self.mean = tuple(mean)
+        self.std = tuple(std)
         self.register_buffer('pixel_mean', torch.tensor(mean), persistent=False)  # on the device, no copy per step
         self.register_buffer('pixel_std', torch.tensor(std), persistent=False)
 
         self.tokenizer = tokenizer.eval().requires_grad_(False)  # frozen (Fig. 1b lock icon)
-        self.enhancer = build_enhancer(arch, img_size, patch_size)
-        is_vit = isinstance(self.enhancer, VisionTransformer)
-        if not is_vit and img_size % 32:
-            raise ValueError(f"resnet50 needs an image size divisible by 32, got {img_size}")
-        if not is_vit and 32 % patch_size:
-            raise ValueError(f"resnet50 REVDET/RESPIX heads need a patch size dividing 32, got {patch_size}")
-        width = gen_width or (self.enhancer.embed_dim if is_vit else 384)
+        self.enhancer = build_enhancer(arch, img_size, patch_size) if isinstance(arch, str) else arch
+        vit = is_vit(self.enhancer)
+        if not vit and (img_size % 32 or 32 % patch_size):
+            raise ValueError(f'resnet50 needs an image size divisible by 32 and a patch size dividing 32, got '
+                             f'{img_size} and {patch_size}')
+        enh_width = self.enhancer.embed_dim if vit else 2048
+        width = gen_width or (enh_width if vit else 384)  # Table 9: the ViT's width, 384 for ResNet
         shared = None
-        if share_layers and is_vit:  # Table 5: share the patch embedding and the first 2 blocks
-            if width != self.enhancer.embed_dim or gen_depth < 2:
-                raise ValueError(f"weight sharing needs generator width = enhancer width "
-                                 f"({self.enhancer.embed_dim}) and depth >= 2; use --no-share otherwise")
+        if share_layers and vit:  # Table 5: share the patch embedding and the first 2 blocks
+            if width != enh_width or gen_depth < 2:
+                raise ValueError(f'weight sharing needs generator width = enhancer width ({enh_width}) and depth '
+                                 f'>= 2; pass share_layers=False otherwise')
             shared = (self.enhancer.patch_embed, self.enhancer.blocks[:2])
-        heads = self.enhancer.num_heads if (is_vit and width == self.enhancer.embed_dim) else max(1, width // 64)
+        heads = self.enhancer.blocks[0].attn.num_heads if shared else max(1, width // 64)
         self.generator = Generator(img_size, patch_size, tokenizer.vocab_size, width, gen_depth, heads, shared)
-
-        feat_dim, feat_grid = (self.enhancer.embed_dim, self.grid) if is_vit else (2048, img_size // 32)
-        out_grid, out_chans = (img_size, 3) if task == 'respix' else (self.grid, 1)
-        self.head = PixelShuffleHead(feat_dim, out_chans, out_grid // feat_grid)
+        feat_grid = self.grid if vit else img_size // 32
+        out_grid = img_size if task == 'respix' else self.grid
+        self.head = PixelShuffleHead(enh_width, 3 if task == 'respix' else 1, out_grid // feat_grid)
 
     def make_mask(self, batch_size, device):
         """[B, N] bool for one batch (random on device; blockwise on CPU, better done in data workers)."""
@@ -491,52 +523,76 @@ class CIM(nn.Module):
     def check_inputs(self, imgs, tok_imgs):
         s = self.grid * self.tokenizer.downsample
         if imgs.dim() != 4 or imgs.shape[1:] != (3, self.img_size, self.img_size):
-            raise ValueError(f"enhancer view must be [B, 3, {self.img_size}, {self.img_size}], got {list(imgs.shape)}")
+            raise ValueError(f'enhancer view must be [B, 3, {self.img_size}, {self.img_size}], got {list(imgs.shape)}')
         if tok_imgs.dim() != 4 or tok_imgs.shape[1:] != (3, s, s) or tok_imgs.shape[0] != imgs.shape[0]:
-            raise ValueError(f"tokenizer view must be [B, 3, {s}, {s}] ({self.grid}x{self.grid} tokens x "
-                             f"{self.tokenizer.downsample}), got {list(tok_imgs.shape)}")
-
-    def generate(self, imgs, tok_imgs, mask):
-        """Generator half: golden tokens, MIM logits at the masked positions, and their loss/accuracy."""
-        golden = self.tokenizer.encode(tok_imgs).flatten(1)             # [B, N] (Sec. 2.1), no grad
-        k = self.k_max if self.mask_type == 'random' else self.num_patches
-        pos, valid = masked_positions(mask, k)                          # [B, k]
-        logits = self.generator(imgs, mask, pos)                        # [B, k, V]
-        gen_loss, mim_acc = mim_loss(logits, golden.gather(1, pos), valid)
-        return golden, pos, logits, gen_loss, mim_acc
+            raise ValueError(f'tokenizer view must be [B, 3, {s}, {s}] ({self.grid}x{self.grid} tokens x '
+                             f'{self.tokenizer.downsample}), got {list(tok_imgs.shape)}')
 
     @torch.no_grad()
-    def corrupt(self, golden, mask, pos, logits, out_size):
-        """Eq. 2 then decode: sample at the masked positions, replace, decode. -> (corrupted tokens, replaced, image)."""
-        sampled = golden.scatter(1, pos, sample_tokens(logits, self.sampling, self.temperature))
+    def tokenize(self, tok_imgs):
+        """Golden tokens g (Sec. 2.1): the frozen encoder's codes. tok_imgs: [B, 3, s, s] in [0, 1] -> [B, N] long."""
+        return self.tokenizer.encode(tok_imgs).flatten(1)
+
+    def generate(self, imgs, mask, golden):
+        """The generator's half (Eq. 1, Sec. 2.3): p_BEiT at every position, its MIM loss at the masked ones.
+        imgs: [B, 3, S, S], mask, golden: [B, N] -> (logits [B, N, V], gen_loss, mim_acc)."""
+        logits = self.generator(imgs, mask)
+        gen_loss, mim_acc = mim_loss(logits, golden, mask)
+        return logits, gen_loss, mim_acc
+
+    @torch.no_grad()
+    def corrupt(self, golden, mask, logits, out_size=None):
+        """Eq. 2, then the frozen decoder: sample, replace the masked tokens, decode (no gradient).
+        -> (corrupted tokens [B, N], replaced [B, N] bool, corrupted image [B, 3, S, S] normalized)."""
+        sampled = sample_tokens(logits, self.sampling, self.temperature)
         corrupted, replaced = replace_tokens(golden, mask, sampled)
-        image = decode_tokens(self.tokenizer, corrupted, self.grid, out_size, self.pixel_mean, self.pixel_std)
+        image = decode_tokens(self.tokenizer, corrupted, self.grid, out_size or self.img_size, self.pixel_mean,
+                              self.pixel_std)
         return corrupted, replaced, image
+
+    def enhance(self, corrupted_imgs, imgs, replaced):
+        """Sec. 2.2: the enhancer and its linear head on the corrupted image, scored against the clean image's
+        window-normalized pixels (RESPIX) or the replaced-token map (REVDET). -> (pred, target, loss)."""
+        pred = self.head(enhancer_feature_map(self.enhancer, corrupted_imgs))
+        if self.task == 'respix':
+            target = respix_target(imgs, self.target_norm, self.patch_size)
+            return pred, target, respix_loss(pred, target)
+        return pred, replaced, revdet_loss(pred.flatten(1), replaced)
 
     def forward(self, imgs, tok_imgs, mask=None, return_vis=False):
         """imgs: [B, 3, S, S] enhancer view (mean/std-normalized), tok_imgs: [B, 3, s, s] the same crop in [0, 1]
-        at s = grid * tokenizer.downsample, mask: optional [B, N] bool (True = masked).
-        Returns {'loss', 'gen_loss', 'mim_acc', 'enh_loss', 'replaced_frac', ('det_acc' for REVDET)} (+ 'vis'):
-        0-dim tensors; loss = gen_loss + enhancer_weight * enh_loss, and those three carry the graph."""
+        at s = grid * tokenizer.downsample, mask: optional [B, N] bool (True = masked, any number of positions).
+        Returns {'loss', 'gen_loss', 'mim_acc', 'enh_loss', 'replaced_frac'} (REVDET also 'det_acc',
+        'majority_acc', 'label_entropy'; + 'vis'): 0-dim tensors; loss = gen_loss + enhancer_weight * enh_loss."""
         self.check_inputs(imgs, tok_imgs)
         mask = self.make_mask(imgs.shape[0], imgs.device) if mask is None else mask.to(imgs.device, torch.bool)
-        golden, pos, logits, gen_loss, mim_acc = self.generate(imgs, tok_imgs, mask)
-        corrupted, replaced, corrupted_imgs = self.corrupt(golden, mask, pos, logits, self.img_size)
+        golden = self.tokenize(tok_imgs)                                            # [B, N]
+        logits, gen_loss, mim_acc = self.generate(imgs, mask, golden)               # [B, N, V]
+        corrupted, replaced, corrupted_imgs = self.corrupt(golden, mask, logits)    # [B, N], [B, N], [B, 3, S, S]
+        pred, target, enh_loss = self.enhance(corrupted_imgs, imgs, replaced)
 
-        pred = self.head(enhancer_feature_map(self.enhancer, corrupted_imgs))  # Sec. 2.2
-        out = dict(gen_loss=gen_loss, mim_acc=mim_acc, replaced_frac=replaced.float().mean())
-        if self.task == 'respix':
-            target = respix_target(imgs, self.target_norm, self.patch_size)
-            enh_loss = respix_loss(pred, target)
-        else:
-            target = replaced
-            enh_loss, out['det_acc'] = revdet_loss(pred.flatten(1), replaced)
-        out['enh_loss'] = enh_loss
-        out['loss'] = gen_loss + self.enhancer_weight * enh_loss
+        out = dict(loss=gen_loss + self.enhancer_weight * enh_loss, gen_loss=gen_loss, mim_acc=mim_acc,
+                   enh_loss=enh_loss, replaced_frac=replaced.float().mean())
+        if self.task == 'revdet':
+            out.update(revdet_metrics(pred.flatten(1), replaced))
         if return_vis:
-            out['vis'] = dict(imgs=imgs.detach(), tok_imgs=tok_imgs, mask=mask, golden=golden, corrupted=corrupted,
-                              replaced=replaced, corrupted_imgs=corrupted_imgs, pred=pred.detach(), target=target)
+            out['vis'] = dict(imgs=imgs.detach(), tok_imgs=tok_imgs, mask=mask, golden=golden, logits=logits.detach(),
+                              corrupted=corrupted, replaced=replaced, corrupted_imgs=corrupted_imgs,
+                              pred=pred.detach(), target=target)
         return out
+
+    def compile(self, **kwargs):
+        """torch.compile of the networks while the step (masking, sampling, replacement, losses) stays eager: the
+        tokenizer (its own compile), each generator and ViT block, ResNet-50's four stages."""
+        self.tokenizer.compile(**kwargs)
+        parts = list(self.generator.blocks)
+        if is_vit(self.enhancer):
+            parts += list(self.enhancer.blocks)
+        else:
+            parts += [self.enhancer.layer1, self.enhancer.layer2, self.enhancer.layer3, self.enhancer.layer4]
+        for m in dict.fromkeys(parts):  # the shared blocks once
+            m.compile(**kwargs)
+        return self
 
     def features(self, imgs):
         """Pooled enhancer features for kNN / linear probing. imgs: [B, 3, S, S] normalized -> [B, D]."""
@@ -564,6 +620,15 @@ def masked_view(imgs, mask, grid):
     return imgs.float() * (1 - m) + 0.5 * m
 
 
+def token_map(values, grid, size, colour=(1.0, 0.0, 0.0), base=None):
+    """values: [B, N] in [0, 1] per token -> [B, 3, size, size]: `colour` blended over `base` (default black) by
+    the value, each token a square (nearest)."""
+    v = F.interpolate(values.float().view(-1, 1, grid, grid), size=(size, size), mode='nearest')
+    base = torch.zeros(v.shape[0], 3, size, size, device=v.device) if base is None else base.float()
+    c = torch.tensor(colour, device=v.device).view(1, 3, 1, 1)
+    return base * (1 - 0.6 * v) + c * 0.6 * v
+
+
 def _rescale(x):
     """Per-image min-max to [0, 1] (for showing normalized targets)."""
     lo = x.amin(dim=(1, 2, 3), keepdim=True)
@@ -571,12 +636,26 @@ def _rescale(x):
     return (x - lo) / (hi - lo).clamp(min=1e-6)
 
 
-def _save_grid(path, columns):
-    """columns: list of [B, 3, H, W] in [0, 1] -> one PNG, one row per image, columns left to right."""
+def save_grid(path, columns, titles, min_cell=96):
+    """columns: list of [B, 3, h, w] in [0, 1] -> one PNG: a row of column titles, then one row per image.
+
+    Cells are enlarged by an integer factor to at least min_cell pixels (nearest, so tokens stay sharp)."""
     size = max(c.shape[-1] for c in columns)
-    cols = [F.interpolate(c.float().cpu(), size=(size, size), mode='nearest') for c in columns]
-    grid = torch.stack(cols, dim=1).flatten(0, 1)
-    torchvision.utils.save_image(grid, path, nrow=len(columns), padding=2, pad_value=1.0)
+    cell = size * max(1, -(-min_cell // size))
+    cols = [F.interpolate(c.float().cpu(), size=(cell, cell), mode='nearest') for c in columns]
+    grid = torchvision.utils.make_grid(torch.stack(cols, dim=1).flatten(0, 1), nrow=len(cols), padding=2,
+                                       pad_value=1.0)
+    body = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    try:
+        font = ImageFont.load_default(size=13)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    canvas = Image.new('RGB', (body.width, body.height + 20), 'white')
+    canvas.paste(body, (0, 20))
+    draw = ImageDraw.Draw(canvas)
+    for i, title in enumerate(titles):
+        draw.text((4 + i * (cell + 2), 3), title, fill='black', font=font)
+    canvas.save(path)
 
 
 @torch.no_grad()
@@ -584,11 +663,13 @@ def save_fig2(path, model, imgs, tok_imgs, n_samples=4, mask=None):
     """Fig. 2: original, masked, and n_samples corrupted images sampled from one masked input."""
     model.check_inputs(imgs, tok_imgs)
     mask = model.make_mask(imgs.shape[0], imgs.device) if mask is None else mask.to(imgs.device, torch.bool)
-    golden, pos, logits, _, _ = model.generate(imgs, tok_imgs, mask)
+    golden = model.tokenize(tok_imgs)
+    logits = model.generate(imgs, mask, golden)[0]
     s = tok_imgs.shape[-1]
-    samples = [unnormalize(model.corrupt(golden, mask, pos, logits, s)[2], model.mean, model.std)
+    samples = [unnormalize(model.corrupt(golden, mask, logits, s)[2], model.mean, model.std)
                for _ in range(n_samples)]
-    _save_grid(path, [tok_imgs, masked_view(tok_imgs, mask, model.grid)] + samples)
+    titles = ['original', 'masked'] + [f'sample {i + 1}' for i in range(n_samples)]
+    save_grid(path, [tok_imgs, masked_view(tok_imgs, mask, model.grid)] + samples, titles)
 
 
 def respix_to_pixels(pred, imgs, norm='sliding', patch_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -600,23 +681,28 @@ def respix_to_pixels(pred, imgs, norm='sliding', patch_size=16, mean=IMAGENET_ME
 
 @torch.no_grad()
 def save_fig3(path, model, vis):
-    """Fig. 3: original, masked, corrupted image, enhancer output (RESPIX: un-normalized back to pixels;
-    REVDET: the corrupted image with tokens the enhancer calls 'replaced' tinted red)."""
+    """Fig. 3: original, masked, corrupted image (the enhancer's input), and the enhancer's output. RESPIX: the
+    prediction un-normalized back to pixels. REVDET: the truly replaced tokens and the detected ones (sigmoid > 0.5
+    shaded by the probability), tinted red on the corrupted image."""
     imgs = vis['imgs']
     original = unnormalize(imgs, model.mean, model.std)
     corrupted = unnormalize(vis['corrupted_imgs'], model.mean, model.std)
+    columns = [original, masked_view(original, vis['mask'], model.grid), corrupted]
+    titles = ['original', 'masked', 'corrupted']
     if model.task == 'respix':
-        output = respix_to_pixels(vis['pred'], imgs, model.target_norm, model.patch_size, model.mean, model.std)
+        columns.append(respix_to_pixels(vis['pred'], imgs, model.target_norm, model.patch_size, model.mean, model.std))
+        titles.append('RESPIX output')
     else:
-        p = torch.sigmoid(vis['pred'].float()).view(-1, 1, model.grid, model.grid)
-        p = F.interpolate(p, size=corrupted.shape[-2:], mode='nearest')
-        red = torch.tensor([1.0, 0.0, 0.0], device=p.device).view(1, 3, 1, 1)
-        output = corrupted * (1 - 0.6 * p) + red * 0.6 * p
-    _save_grid(path, [original, masked_view(original, vis['mask'], model.grid), corrupted, output])
+        size = corrupted.shape[-1]
+        prob = torch.sigmoid(vis['pred'].float().flatten(1))
+        columns.append(token_map(vis['replaced'], model.grid, size, base=corrupted))
+        columns.append(token_map(prob, model.grid, size, base=corrupted))
+        titles += ['replaced (truth)', 'detected p']
+    save_grid(path, columns, titles)
 
 
 @torch.no_grad()
 def save_fig4(path, imgs, patch_size=16, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """Fig. 4: original, MAE's non-overlapping-window template, CIM's sliding-window template."""
-    _save_grid(path, [unnormalize(imgs, mean, std), _rescale(respix_target(imgs, 'patch', patch_size)),
-                      _rescale(respix_target(imgs, 'sliding'))])
+    save_grid(path, [unnormalize(imgs, mean, std), _rescale(respix_target(imgs, 'patch', patch_size)),
+                     _rescale(respix_target(imgs, 'sliding'))], ['original', 'patch norm', 'sliding norm'])

@@ -5,6 +5,7 @@ import random
 
 import pytest
 import torch
+import torch.nn as nn
 import torchvision
 
 import cim
@@ -73,20 +74,13 @@ def test_blockwise_mask_is_contiguous_blocks_with_the_exact_count():
         cim.blockwise_mask(17, 4)
 
 
-def test_masked_positions_lists_masked_first():
-    mask = torch.tensor([[0, 1, 0, 1, 1, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
-    pos, valid = cim.masked_positions(mask, 3)
-    assert pos[0].tolist() == [1, 3, 4] and valid[0].all()
-    assert pos[1, 0] == 0 and valid[1].tolist() == [True, False, False]
-
-
 # -- 3./4. generator loss, sampling, replacement --------------------------------------------------------------------
 
 def test_mim_loss_matches_hand_computation():
     logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]])
     golden = torch.tensor([[0, 2, 1]])
-    valid = torch.tensor([[True, True, False]])
-    loss, acc = cim.mim_loss(logits, golden, valid)
+    mask = torch.tensor([[True, True, False]])
+    loss, acc = cim.mim_loss(logits, golden, mask)
     ce0 = -math.log(math.exp(2) / (math.exp(2) + 2))
     ce1 = -math.log(1 / (math.e + 2))
     assert loss.item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
@@ -167,11 +161,17 @@ def test_respix_and_revdet_loss_values():
     assert cim.respix_loss(pred, target).item() == pytest.approx(2.5 + 7.5)   # mean |x| + mean x^2
     logits = torch.tensor([[2.0, -1.0, 0.5]])
     replaced = torch.tensor([[True, False, False]])
-    loss, acc = cim.revdet_loss(logits, replaced)
-    sig = lambda z: 1 / (1 + math.exp(-z))
-    ref = -(math.log(sig(2.0)) + math.log(1 - sig(-1.0)) + math.log(1 - sig(0.5))) / 3
+    loss = cim.revdet_loss(logits, replaced)
+    sig = [1 / (1 + math.exp(-z)) for z in (2.0, -1.0, 0.5)]
+    ref = -(math.log(sig[0]) + math.log(1 - sig[1]) + math.log(1 - sig[2])) / 3
     assert loss.item() == pytest.approx(ref, rel=1e-6)
-    assert acc.item() == pytest.approx(2 / 3)
+    m = cim.revdet_metrics(logits, replaced)
+    assert m['det_acc'].item() == pytest.approx(2 / 3)
+    assert m['majority_acc'].item() == pytest.approx(2 / 3)                 # 'not replaced' is the majority
+    p = 1 / 3                                                               # the BCE of always answering p
+    assert m['label_entropy'].item() == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)), rel=1e-6)
+    const = cim.revdet_loss(torch.full((1, 3), math.log(p / (1 - p))), replaced)
+    assert const.item() == pytest.approx(m['label_entropy'].item(), rel=1e-5)
 
 
 # -- 6. enhancers ----------------------------------------------------------------------------------------------------
@@ -287,6 +287,54 @@ def test_replaced_labels_follow_tokens():
     assert torch.allclose(cim.unnormalize(v['corrupted_imgs']), dec.clamp(0, 1), atol=1e-5)
 
 
+def test_a_callers_mask_of_any_size_is_honoured_whole():
+    """mask_ratio (0.25, 0.5) on a 4x4 grid allows 4..8 masked tokens; a caller's mask of 15 positions is resampled
+    and scored at all 15 (the old head-on-k_max-positions code resampled 8 and left 7 golden, silently)."""
+    torch.manual_seed(0)
+    model = cim.CIM(tiny_tokenizer(), 'vit_tiny', 'revdet', img_size=16, patch_size=4, gen_depth=2,
+                    mask_ratio=(0.25, 0.5), sampling='argmax')
+    model.enhancer.blocks = model.enhancer.blocks[:2]
+    imgs, tok_imgs = torch.randn(3, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    mask = torch.ones(3, 16, dtype=torch.bool)
+    mask[:, 5] = False                                                      # 15 of 16 masked
+    out = model(imgs, tok_imgs, mask=mask, return_vis=True)
+    v = out['vis']
+    want = torch.where(mask, v['logits'].argmax(-1), v['golden'])           # Eq. 2 at every masked position
+    assert torch.equal(v['corrupted'], want)
+    assert torch.equal(v['corrupted'][:, 5], v['golden'][:, 5])
+    assert (v['replaced'].sum(1) > 8).all()                                 # more than k_max resampled
+    ce = torch.nn.functional.cross_entropy(v['logits'][mask], v['golden'][mask])  # brute force over the 15
+    assert out['gen_loss'].item() == pytest.approx(ce.item(), rel=1e-5)
+
+
+def test_any_vit_with_timm_attribute_names_is_an_enhancer():
+    """enhancer_feature_map reads forward_features, num_prefix_tokens and patch_embed.proj, as timm's ViT has them:
+    a ViT with a cls and a register token (2 prefix tokens) gives the right patch tokens and trains in CIM."""
+    class TimmLikeViT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vit = cim.VisionTransformer(16, 4, embed_dim=64, depth=2, num_heads=2)
+            self.patch_embed, self.blocks = self.vit.patch_embed, self.vit.blocks
+            self.embed_dim, self.num_prefix_tokens = 64, 2
+            self.reg_token = nn.Parameter(torch.randn(1, 1, 64))
+
+        def forward_features(self, imgs):
+            x = self.vit.forward_features(imgs)
+            return torch.cat([x[:, :1], self.reg_token.expand(len(x), -1, -1), x[:, 1:]], dim=1)
+    net = TimmLikeViT()
+    imgs = torch.randn(2, 3, 16, 12)                                        # not square: a 4 x 3 grid
+    net.vit.pos_embed = nn.Parameter(net.vit.pos_embed[:, :13])
+    fmap = cim.enhancer_feature_map(net, imgs)
+    tokens = net.vit.forward_features(imgs)[:, 1:]                          # [2, 12, 64], row-major
+    assert fmap.shape == (2, 64, 4, 3) and torch.equal(fmap[:, :, 1, 2], tokens[:, 5])
+    net.vit.pos_embed = nn.Parameter(torch.zeros(1, 17, 64))
+    model = cim.CIM(tiny_tokenizer(), net, 'respix', img_size=16, patch_size=4, gen_depth=2)
+    assert model.generator.blocks[0] is net.blocks[0] and model.generator.blocks[0].attn.num_heads == 2
+    out = model(torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16))
+    out['loss'].backward()
+    assert not net.reg_token.grad.any() and net.vit.blocks[1].mlp.fc2.weight.grad.any()   # prefix tokens dropped
+
+
 @pytest.mark.parametrize('arch', ['vit_tiny', 'resnet50'])
 @pytest.mark.parametrize('task', cim.TASKS)
 def test_tiny_cim_trains_on_fixed_batch(arch, task):
@@ -345,16 +393,23 @@ def test_features_and_export():
 
 # -- 10. figures -----------------------------------------------------------------------------------------------------
 
-def test_figures_write_pngs(tmp_path):
+def test_figures_write_pngs_with_titles_and_large_cells(tmp_path):
+    import numpy as np
     from PIL import Image
     model, imgs, tok_imgs = make_model('vit_tiny', 'respix')
     out = model(imgs, tok_imgs, return_vis=True)
     cim.save_fig2(tmp_path / 'fig2.png', model, imgs, tok_imgs, n_samples=4)
     cim.save_fig3(tmp_path / 'fig3.png', model, out['vis'])
     cim.save_fig4(tmp_path / 'fig4.png', imgs, patch_size=4)
-    for name, cols in (('fig2.png', 6), ('fig3.png', 4), ('fig4.png', 3)):
-        w, h = Image.open(tmp_path / name).size
-        assert w == cols * (16 + 2) + 2 and h == 4 * (16 + 2) + 2
+    det, imgs, tok_imgs = make_model('vit_tiny', 'revdet')
+    cim.save_fig3(tmp_path / 'fig3_revdet.png', det, det(imgs, tok_imgs, return_vis=True)['vis'])
+    for name, cols in (('fig2.png', 6), ('fig3.png', 4), ('fig4.png', 3), ('fig3_revdet.png', 5)):
+        png = np.asarray(Image.open(tmp_path / name).convert('RGB'))
+        assert png.shape[:2] == (20 + 4 * (96 + 2) + 2, cols * (96 + 2) + 2)   # 16 px images in 96 px cells
+        title = png[:20, :96]                                                   # a title row, dark text on white
+        assert (title < 100).any() and (title == 255).mean() > 0.7
+    first = np.asarray(Image.open(tmp_path / 'fig2.png').convert('RGB'))[22:22 + 96, 2:2 + 96]
+    assert (first[:6, :6] == first[0, 0]).all()                             # one image pixel = a 6 x 6 block
 
 
 def test_respix_to_pixels_inverts_the_target():
