@@ -366,11 +366,11 @@ class PixelShuffleHead(nn.Module):
     32 / patch (REVDET, onto the token grid). feats: [B, D, h, w] -> [B, out_chans, r*h, r*w].
     """
 
-    def __init__(self, dim, out_chans, upscale):
+    def __init__(self, dim, out_chans, upscale, init_scale=1.0):
         super().__init__()
         self.upscale = upscale
         self.proj = nn.Linear(dim, out_chans * upscale ** 2)
-        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.trunc_normal_(self.proj.weight, std=0.02 * init_scale)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, feats):
@@ -511,7 +511,10 @@ class CIM(nn.Module):
         self.generator = Generator(img_size, patch_size, tokenizer.vocab_size, width, gen_depth, heads, shared)
         feat_grid = self.grid if vit else img_size // 32
         out_grid = img_size if task == 'respix' else self.grid
-        self.head = PixelShuffleHead(enh_width, 3 if task == 'respix' else 1, out_grid // feat_grid)
+        # paper silent; REVDET scales its head init by 0.001 as BEiT's fine-tuning head, so that it starts at chance
+        # (BCE ln 2) rather than at the noise of ResNet-50's 2048 un-normalized features (logits std 1.3)
+        self.head = PixelShuffleHead(enh_width, 3 if task == 'respix' else 1, out_grid // feat_grid,
+                                     init_scale=1e-3 if task == 'revdet' else 1.0)
 
     def make_mask(self, batch_size, device):
         """[B, N] bool for one batch (random on device; blockwise on CPU, better done in data workers)."""
