@@ -5,16 +5,21 @@ as in BEiT). The networks below have DALL-E's exact parameter names and shapes, 
 load with strict=True, without their `dall_e` package and without unpickling arbitrary objects.
 
     # official weights (the files BEiT uses), passed to train.py as a folder:
-    mkdir -p weights/dalle && cd weights/dalle && wget https://cdn.openai.com/dall-e/encoder.pkl \
-        https://cdn.openai.com/dall-e/decoder.pkl
-    python dvae.py eval --tokenizer weights/dalle --data DIR --image-size 112     # PSNR, code usage, a PNG
+    mkdir -p weights/dalle
+    wget -P weights/dalle https://cdn.openai.com/dall-e/encoder.pkl https://cdn.openai.com/dall-e/decoder.pkl
+    python dvae.py eval --tokenizer weights/dalle --data path/to/images --image-size 112   # PSNR, code usage, a PNG
     # a small tokenizer for new data or low resolution (SMALL_CONFIG; the offline demo trains it on Fashion-MNIST):
     python dvae.py train --data fashion-mnist --steps 600 --out-dir runs/dvae_fmnist    # ~21 dB, ~3 min on 2 cores
-    python dvae.py train --data ../shared/data/cifar10 --steps 600 --out-dir runs/dvae_cifar10      # ~19 dB
+    python dvae.py train --data path/to/images --image-size 32 --steps 600 --out-dir runs/dvae_mine  # CIFAR-10: ~19 dB
     python dvae.py benchmark      # our encode/decode vs. OpenAI's dall_e modules (the test-only package) on the CPU
+
+An image folder is evaluated on its test/ or val/ subfolder when it also has train/, else on a fixed 5% of its
+images, held out from training. encode/decode run in DALL-E's own precision (body_dtype): a float16 body on CUDA
+with float32 logits and token embedding, float32 on the CPU, whatever autocast is active around them.
 """
 import argparse
 import collections
+import functools
 import json
 import math
 import os
@@ -27,6 +32,8 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import engine
 
 # ----------------------------------------------------------------------------------------------------------------
 # Pixels <-> the logit-Laplace range (DALL-E App. A): inputs are squeezed into [eps, 1 - eps]
@@ -47,11 +54,22 @@ def unmap_pixels(x):
 # ----------------------------------------------------------------------------------------------------------------
 # The networks (dall_e/encoder.py, decoder.py, utils.py), generalized to `group_count` groups
 
+def body_dtype(device):
+    """DALL-E's precision for the frozen dVAE's body on `device`: float16 on CUDA, float32 elsewhere.
+
+    As in dall_e.utils.Conv2d (use_float16=True on CUDA), except for the two convs OpenAI builds with
+    use_float16=False, which always run in float32: the encoder's logits conv (blocks.output.conv) and the
+    decoder's input conv on the one-hot codes (blocks.input, here the token embedding lookup).
+    Tokenizer.encode/decode pass this as Encoder/Decoder.forward's `dtype`, with autocast disabled.
+    """
+    return torch.float16 if torch.device(device).type == 'cuda' else torch.float32
+
+
 class Conv2d(nn.Module):
     """DALL-E's conv: weight `w` [n_out, n_in, kw, kw] ~ N(0, 1/fan_in), bias `b` [n_out] = 0, 'same' padding.
 
-    Unlike dall_e.utils.Conv2d it computes in the input's dtype (or autocast's), never forcing fp16 on CUDA or
-    fp32 elsewhere, so bf16/fp16 autocast and channels_last inputs just work.
+    Unlike dall_e.utils.Conv2d it computes in the input's dtype (or autocast's), never forcing a dtype itself:
+    the precision policy is the `dtype` argument of Encoder/Decoder.forward (see body_dtype).
     """
 
     def __init__(self, n_in, n_out, kw):
@@ -61,7 +79,7 @@ class Conv2d(nn.Module):
         self.padding = (kw - 1) // 2
 
     def forward(self, x):
-        """x: [B, n_in, H, W] -> [B, n_out, H, W]."""
+        """x: [B, n_in, H, W] -> [B, n_out, H, W], in x's dtype."""
         return F.conv2d(x, self.w.to(x.dtype), self.b.to(x.dtype), padding=self.padding)
 
 
@@ -80,13 +98,23 @@ class ResBlock(nn.Module):
         widths = [n_in, n_hid, n_hid, n_hid, n_out]
         layers = []
         for i, k in enumerate(kernels):  # relu_1 must not be in-place: id_path may return x itself
-            layers += [(f'relu_{i + 1}', nn.ReLU(inplace=i > 0)),
-                       (f'conv_{i + 1}', Conv2d(widths[i], widths[i + 1], k))]
+            layers.append((f'relu_{i + 1}', nn.ReLU(inplace=i > 0)))
+            layers.append((f'conv_{i + 1}', Conv2d(widths[i], widths[i + 1], k)))
         self.res_path = nn.Sequential(collections.OrderedDict(layers))
 
     def forward(self, x):
         """x: [B, n_in, H, W] -> [B, n_out, H, W]."""
         return torch.add(self.id_path(x), self.res_path(x), alpha=self.post_gain)  # one fused pass
+
+
+def _group(n_in, width, n_blocks, n_layers, kernels, resample):
+    """n_blocks ResBlocks n_in -> width, width -> width, ..., then the (name, module) pair `resample` if given."""
+    group = []
+    for i in range(n_blocks):
+        group.append((f'block_{i + 1}', ResBlock(n_in if i == 0 else width, width, n_layers, kernels)))
+    if resample is not None:
+        group.append(resample)
+    return nn.Sequential(collections.OrderedDict(group))
 
 
 class Encoder(nn.Module):
@@ -97,23 +125,32 @@ class Encoder(nn.Module):
 
     def __init__(self, n_hid=256, n_blk_per_group=2, group_count=4, input_channels=3, vocab_size=8192):
         super().__init__()
-        n_layers, n_in = group_count * n_blk_per_group, n_hid
+        n_layers = group_count * n_blk_per_group
+        n_in = n_hid
         blocks = [('input', Conv2d(input_channels, n_hid, 7))]
         for g in range(group_count):
             width = n_hid * 2 ** g
-            group = [(f'block_{i + 1}', ResBlock(n_in if i == 0 else width, width, n_layers, (3, 3, 3, 1)))
-                     for i in range(n_blk_per_group)]
-            if g < group_count - 1:
-                group.append(('pool', nn.MaxPool2d(kernel_size=2)))
-            blocks.append((f'group_{g + 1}', nn.Sequential(collections.OrderedDict(group))))
+            pool = ('pool', nn.MaxPool2d(kernel_size=2)) if g < group_count - 1 else None
+            blocks.append((f'group_{g + 1}', _group(n_in, width, n_blk_per_group, n_layers, (3, 3, 3, 1), pool)))
             n_in = width
-        blocks.append(('output', nn.Sequential(collections.OrderedDict(
-            [('relu', nn.ReLU()), ('conv', Conv2d(n_in, vocab_size, 1))]))))
+        output = [('relu', nn.ReLU()), ('conv', Conv2d(n_in, vocab_size, 1))]
+        blocks.append(('output', nn.Sequential(collections.OrderedDict(output))))
         self.blocks = nn.Sequential(collections.OrderedDict(blocks))
 
-    def forward(self, x):
-        """x: [B, 3, H, W], already map_pixels'd -> logits [B, vocab_size, H/d, W/d], d = 2^(group_count-1)."""
-        return self.blocks(x)
+    def forward(self, x, dtype=None):
+        """x: [B, 3, H, W], already map_pixels'd -> logits [B, vocab_size, H/d, W/d], d = 2^(group_count-1).
+
+        dtype None: all in x's dtype (or autocast's), as in training. Else the body runs in `dtype` and the
+        logits conv in float32, DALL-E's policy (body_dtype): the logits are then float32.
+        """
+        if dtype is None:
+            return self.blocks(x)
+        h = x.to(dtype)
+        for name, module in self.blocks.named_children():
+            if name == 'output':
+                h = h.float()
+            h = module(h)
+        return h
 
 
 class Decoder(nn.Module):
@@ -124,34 +161,44 @@ class Decoder(nn.Module):
 
     def __init__(self, n_init=128, n_hid=256, n_blk_per_group=2, group_count=4, output_channels=3, vocab_size=8192):
         super().__init__()
-        n_layers, n_in = group_count * n_blk_per_group, n_init
+        n_layers = group_count * n_blk_per_group
+        n_in = n_init
         blocks = [('input', Conv2d(vocab_size, n_init, 1))]
         for g in range(group_count):
             width = n_hid * 2 ** (group_count - 1 - g)
-            group = [(f'block_{i + 1}', ResBlock(n_in if i == 0 else width, width, n_layers, (1, 3, 3, 3)))
-                     for i in range(n_blk_per_group)]
-            if g < group_count - 1:
-                group.append(('upsample', nn.Upsample(scale_factor=2, mode='nearest')))
-            blocks.append((f'group_{g + 1}', nn.Sequential(collections.OrderedDict(group))))
+            up = ('upsample', nn.Upsample(scale_factor=2, mode='nearest')) if g < group_count - 1 else None
+            blocks.append((f'group_{g + 1}', _group(n_in, width, n_blk_per_group, n_layers, (1, 3, 3, 3), up)))
             n_in = width
-        blocks.append(('output', nn.Sequential(collections.OrderedDict(
-            [('relu', nn.ReLU()), ('conv', Conv2d(n_in, 2 * output_channels, 1))]))))
+        output = [('relu', nn.ReLU()), ('conv', Conv2d(n_in, 2 * output_channels, 1))]
+        blocks.append(('output', nn.Sequential(collections.OrderedDict(output))))
         self.blocks = nn.Sequential(collections.OrderedDict(blocks))
 
-    def forward(self, z):
-        """z: [B, vocab_size, h, w] one-hot or relaxed (Gumbel-softmax) codes -> [B, 2 * output_channels, h*d, w*d]."""
-        return self.blocks(z)
-
-    def forward_indices(self, tokens):
-        """forward(one_hot(tokens)) without the one-hot: the first 1x1 conv of a one-hot is a lookup of its
-        weight column. tokens: [B, h, w] long -> [B, 2 * output_channels, h*d, w*d]."""
+    def embed(self, tokens):
+        """The input conv of one_hot(tokens) without the one-hot: a lookup of its weight columns, in float32.
+        tokens: [B, h, w] long -> [B, n_init, h, w] (channels_last memory layout, no copy)."""
         conv = self.blocks.input
         x = F.embedding(tokens, conv.w[:, :, 0, 0].t()) + conv.b  # [B, h, w, n_init]
-        x = x.permute(0, 3, 1, 2)  # [B, n_init, h, w] in channels_last memory layout (no copy)
+        return x.permute(0, 3, 1, 2)
+
+    def forward(self, z, dtype=None):
+        """z: float codes [B, vocab_size, h, w] (one-hot or Gumbel-relaxed, as in training) or long tokens [B, h, w]
+        -> [B, 2 * output_channels, h*d, w*d], d = 2^(group_count-1).
+
+        dtype None: all in z's dtype (or autocast's; tokens: float32). Else the input conv (or lookup) runs in
+        float32 and everything after it, the output conv included, in `dtype`, DALL-E's policy (body_dtype).
+        """
+        if not z.is_floating_point():
+            h = self.embed(z)
+        elif dtype is None:
+            h = self.blocks.input(z)
+        else:
+            h = self.blocks.input(z.float())
+        if dtype is not None:
+            h = h.to(dtype)
         for name, module in self.blocks.named_children():
             if name != 'input':
-                x = module(x)
-        return x
+                h = module(h)
+        return h
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,14 +220,17 @@ class Tokenizer(nn.Module):
     """A frozen Encoder/Decoder pair: images [B, 3, H, W] in [0, 1] <-> tokens [B, H/d, W/d], d = downsample.
 
     Tokenizer(**tok.config) rebuilds it. Parameters never require grad and it stays in eval mode, also when the
-    model holding it is put in train mode; call its methods under autocast and with channels_last as you like.
+    model holding it is put in train mode. encode/decode run in DALL-E's own precision whatever autocast is active
+    outside (body_dtype: float16 body on CUDA with float32 logits and token lookup; float32 elsewhere), and take
+    channels_last inputs as well. compile() compiles the encoder and decoder, which encode/decode then run.
     """
 
     def __init__(self, vocab_size=8192, n_hid=256, n_blk_per_group=2, group_count=4, n_init=128):
         super().__init__()
         self.config = dict(vocab_size=vocab_size, n_hid=n_hid, n_blk_per_group=n_blk_per_group,
                            group_count=group_count, n_init=n_init)
-        self.vocab_size, self.downsample = vocab_size, 2 ** (group_count - 1)
+        self.vocab_size = vocab_size
+        self.downsample = 2 ** (group_count - 1)
         self.encoder = Encoder(n_hid, n_blk_per_group, group_count, 3, vocab_size)
         self.decoder = Decoder(n_init, n_hid, n_blk_per_group, group_count, 3, vocab_size)
         self.requires_grad_(False)
@@ -189,20 +239,31 @@ class Tokenizer(nn.Module):
     def train(self, mode=True):
         return super().train(False)  # frozen
 
+    def compile(self, **kwargs):
+        """nn.Module.compile (torch.compile with `kwargs`) of the encoder's and the decoder's forward, which
+        encode and decode call; the checks, pixel mapping and argmax around them stay eager. -> self."""
+        self.encoder.compile(**kwargs)
+        self.decoder.compile(**kwargs)
+        return self
+
     @torch.no_grad()
     def encode(self, imgs):
         """imgs: [B, 3, H, W] float in [0, 1] (not mean/std normalized) -> tokens [B, H/d, W/d] long (argmax)."""
         _check_images(imgs, self.downsample)
-        x = map_pixels(imgs).contiguous(memory_format=torch.channels_last)  # faster convs on CPU and GPU
-        return self.encoder(x).argmax(dim=1)
+        with torch.autocast(imgs.device.type, enabled=False):
+            x = map_pixels(imgs.float()).contiguous(memory_format=torch.channels_last)  # faster convs
+            logits = self.encoder(x, dtype=body_dtype(imgs.device))  # [B, vocab_size, H/d, W/d] float32
+        return logits.argmax(dim=1)
 
     @torch.no_grad()
     def decode(self, tokens):
-        """tokens: [B, h, w] long -> images [B, 3, h*d, w*d] float32 in [0, 1] (sigmoid of the means, unmapped)."""
+        """tokens: [B, h, w] integer -> images [B, 3, h*d, w*d] float32 in [0, 1] (sigmoid of the means, unmapped)."""
         if not torch.is_tensor(tokens) or tokens.dim() != 3 or tokens.is_floating_point():
-            raise ValueError(f"decode expects integer tokens [B, h, w], got "
-                             f"{tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__}")
-        return unmap_pixels(torch.sigmoid(self.decoder.forward_indices(tokens.long())[:, :3].float()))
+            shape = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
+            raise ValueError(f"decode expects integer tokens [B, h, w], got {shape}")
+        with torch.autocast(tokens.device.type, enabled=False):
+            stats = self.decoder(tokens.long(), dtype=body_dtype(tokens.device))  # [B, 6, h*d, w*d]
+        return unmap_pixels(torch.sigmoid(stats[:, :3].float()))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,9 +301,13 @@ class _AllowListUnpickler(pickle.Unpickler):
         raise ValueError(f"refusing to unpickle global '{module}.{name}': not part of a DALL-E dVAE file")
 
 
+def _allow_list_load(f, **kwargs):
+    return _AllowListUnpickler(f, **kwargs).load()
+
+
 # what torch.load(pickle_module=...) needs of a pickle module (torch's storage classes are resolved by torch itself)
 _allow_list_pickle = types.SimpleNamespace(__name__='dvae_allow_list', Unpickler=_AllowListUnpickler,
-                                           load=lambda f, **kw: _AllowListUnpickler(f, **kw).load())
+                                           load=_allow_list_load)
 
 
 def _first_line(e):
@@ -261,25 +326,25 @@ def _read_dalle_pickle(path, kind):
     """path: a torch.save'd dall_e.encoder.Encoder (kind 'Encoder') or Decoder
     -> (its attributes, state dict, set of its blocks' post-gains)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"'{path}' not found: download https://cdn.openai.com/dall-e/{os.path.basename(path)}")
+        raise engine.UserError(f"'{path}' not found: download https://cdn.openai.com/dall-e/{os.path.basename(path)}")
     try:
         with warnings.catch_warnings():  # torch's legacy-format loader warns about the stand-ins' source code
             warnings.simplefilter('ignore')
             obj = torch.load(path, map_location='cpu', pickle_module=_allow_list_pickle, weights_only=False)
     except ValueError as e:
-        raise ValueError(f"'{path}': {_first_line(e)}") from None
+        raise engine.UserError(f"'{path}': {_first_line(e)}") from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, KeyError) as e:
-        raise ValueError(f"cannot read '{path}' as a DALL-E dVAE pickle: {_first_line(e)}") from None
+        raise engine.UserError(f"cannot read '{path}' as a DALL-E dVAE pickle: {_first_line(e)}") from None
     expected = f'dall_e.{kind.lower()}.{kind}'
     if getattr(obj, 'pickled_name', None) != expected:
         found = getattr(obj, 'pickled_name', type(obj).__name__)
-        raise ValueError(f"'{path}' holds an object of type {found}, not a pickled {expected} "
-                         f"(OpenAI's {kind.lower()}.pkl)")
+        raise engine.UserError(f"'{path}' holds an object of type {found}, not a pickled {expected} "
+                               f"(OpenAI's {kind.lower()}.pkl)")
     modules = dict(_captured_modules(obj))
     sd = {f'{name}.{k}'.lstrip('.'): v for name, m in modules.items()
           for k, v in vars(m).get('_parameters', {}).items()}
     if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"'{path}' holds no parameter tensors")
+        raise engine.UserError(f"'{path}' holds no parameter tensors")
     gains = {vars(m).get('post_gain') for name, m in modules.items() if name.split('.')[-1].startswith('block_')}
     return vars(obj), sd, gains
 
@@ -287,28 +352,29 @@ def _read_dalle_pickle(path, kind):
 def load_dalle(path):
     """A folder with OpenAI's encoder.pkl and decoder.pkl -> frozen Tokenizer with their weights (strict)."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"DALL-E weights folder '{path}' does not exist (it should hold encoder.pkl and "
-                                f"decoder.pkl from https://cdn.openai.com/dall-e/)")
+        raise engine.UserError(f"DALL-E weights folder '{path}' does not exist (it should hold encoder.pkl and "
+                               f"decoder.pkl from https://cdn.openai.com/dall-e/)")
     enc, enc_sd, enc_gains = _read_dalle_pickle(os.path.join(path, 'encoder.pkl'), 'Encoder')
     dec, dec_sd, dec_gains = _read_dalle_pickle(os.path.join(path, 'decoder.pkl'), 'Decoder')
     # hyper-parameters: the pickled attributes; dall_e always builds 4 groups (group_count is a class constant)
     group_count = sum(k.startswith('blocks.group_') and k.endswith('.block_1.res_path.conv_1.w') for k in enc_sd)
-    config = dict(vocab_size=enc.get('vocab_size'), n_hid=enc.get('n_hid'), n_blk_per_group=enc.get('n_blk_per_group'),
-                  group_count=group_count, n_init=dec.get('n_init'))
+    config = dict(vocab_size=enc.get('vocab_size'), n_hid=enc.get('n_hid'),
+                  n_blk_per_group=enc.get('n_blk_per_group'), group_count=group_count, n_init=dec.get('n_init'))
     for key in ('vocab_size', 'n_hid', 'n_blk_per_group'):
         if dec.get(key) != config[key]:
-            raise ValueError(f"'{path}': encoder.pkl and decoder.pkl disagree on {key}: {config[key]}, {dec.get(key)}")
+            raise engine.UserError(f"'{path}': encoder.pkl and decoder.pkl disagree on {key}: "
+                                   f"{config[key]}, {dec.get(key)}")
     if not all(isinstance(v, int) and v > 0 for v in config.values()):
-        raise ValueError(f"'{path}': unexpected DALL-E hyper-parameters {config}")
+        raise engine.UserError(f"'{path}': unexpected DALL-E hyper-parameters {config}")
     if enc_gains | dec_gains != {1 / (group_count * config['n_blk_per_group']) ** 2}:  # residual post-gains
-        raise ValueError(f"'{path}': residual post-gains {enc_gains | dec_gains} do not fit {group_count} groups")
+        raise engine.UserError(f"'{path}': residual post-gains {enc_gains | dec_gains} do not fit {group_count} groups")
     tok = Tokenizer(**config)
     state = {**{'encoder.' + k: v for k, v in enc_sd.items()}, **{'decoder.' + k: v for k, v in dec_sd.items()}}
     try:
         tok.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ValueError(f"'{path}': weights do not fit a DALL-E dVAE with {config}: "
-                         f"{' '.join(str(e).split())[:300]}") from None
+        raise engine.UserError(f"'{path}': weights do not fit a DALL-E dVAE with {config}: "
+                               f"{' '.join(str(e).split())[:300]}") from None
     return tok
 
 
@@ -328,21 +394,19 @@ def load_tokenizer(path):
     if os.path.isdir(path):
         return load_dalle(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer '{path}' does not exist (pass a folder with DALL-E's encoder.pkl and "
-                                f"decoder.pkl, or a .pt written by dvae.py)")
+        raise engine.UserError(f"tokenizer '{path}' does not exist (pass a folder with DALL-E's encoder.pkl and "
+                               f"decoder.pkl, or a .pt written by dvae.py)")
     if os.path.basename(path) in ('encoder.pkl', 'decoder.pkl'):
         return load_dalle(os.path.dirname(path) or '.')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read '{path}' as a tokenizer .pt (weights only): {_first_line(e)}") from None
+    ckpt = engine.torch_load(path, 'tokenizer (a dvae.py .pt file or a DALL-E folder)')
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict) and 'state_dict' in ckpt):
-        raise ValueError(f"'{path}' is not a tokenizer saved by dvae.py (a dict with 'config' and 'state_dict')")
+        raise engine.UserError(f"'{path}' is not a tokenizer saved by dvae.py (a dict with 'config' and 'state_dict')")
     try:
         tok = Tokenizer(**ckpt['config'])
         tok.load_state_dict(ckpt['state_dict'], strict=True)
     except (TypeError, RuntimeError) as e:
-        raise ValueError(f"'{path}': config/weights do not fit a Tokenizer: {' '.join(str(e).split())[:300]}") from None
+        detail = ' '.join(str(e).split())[:300]
+        raise engine.UserError(f"'{path}': config/weights do not fit a Tokenizer: {detail}") from None
     return tok
 
 
@@ -386,15 +450,24 @@ def train_tokenizer(loader, config, steps, lr=4e-3, device='cpu', kl_weight=6.6,
     DALL-E's schedules (App. A: tau 1 -> 1/16 over 150k, KL weight 0 -> 6.6 over 5k, lr decayed 80x, all cosine)
     compressed to `steps`: tau over the first 60%, KL weight over the first 10%, lr over all steps.
     log(metrics dict) every 50 steps; the checkpoint at ckpt_path (written atomically every ckpt_every steps and at
-    the end) also loads with load_tokenizer, and resume=True continues from it.
+    the end, with the schedule's length `steps`) also loads with load_tokenizer, and resume=True continues from it:
+    only with the same config and the same `steps`, since the schedules are fractions of `steps`.
     """
     tok = Tokenizer(**config).to(device).requires_grad_(True)
     opt = torch.optim.AdamW(tok.parameters(), lr=lr, weight_decay=1e-4)
     step = 0
     if resume and ckpt_path and os.path.isfile(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        ckpt = engine.torch_load(ckpt_path, 'tokenizer training checkpoint')
         if ckpt.get('config') != tok.config:
-            raise ValueError(f"cannot resume from '{ckpt_path}': its config {ckpt.get('config')} is not {tok.config}")
+            raise engine.UserError(f"cannot resume from '{ckpt_path}': its config {ckpt.get('config')} is not "
+                                   f"{tok.config}; pass the same flags, or a new --out-dir to start afresh")
+        if 'steps' not in ckpt:
+            raise engine.UserError(f"cannot resume from '{ckpt_path}': written by an older dvae.py that did not "
+                                   f"store its schedule length; pass a new --out-dir to train afresh")
+        if ckpt['steps'] != steps:
+            raise engine.UserError(f"cannot resume from '{ckpt_path}': its schedules (tau, KL weight, lr) span "
+                                   f"{ckpt['steps']} steps, not {steps}; resume with --steps {ckpt['steps']}, "
+                                   f"or pass a new --out-dir to train afresh")
         tok.load_state_dict(ckpt['state_dict'])
         opt.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']
@@ -417,7 +490,8 @@ def train_tokenizer(loader, config, steps, lr=4e-3, device='cpu', kl_weight=6.6,
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            step, n_batches = step + 1, n_batches + 1
+            step += 1
+            n_batches += 1
             bar.update()
             if step % 50 == 0 or step == steps:  # the only host syncs
                 metrics = {'step': step, **{k: round(v.item(), 5) for k, v in metrics.items()},
@@ -428,11 +502,11 @@ def train_tokenizer(loader, config, steps, lr=4e-3, device='cpu', kl_weight=6.6,
                     log(metrics)
             if ckpt_path and (step % ckpt_every == 0 or step == steps):
                 _atomic_save({'config': tok.config, 'state_dict': tok.state_dict(), 'optimizer': opt.state_dict(),
-                              'step': step}, ckpt_path)
+                              'step': step, 'steps': steps}, ckpt_path)
             if step >= steps:
                 break
         if n_batches == 0:
-            raise ValueError("the tokenizer's data loader yields no batches (fewer images than one batch?)")
+            raise engine.UserError("the tokenizer's data loader yields no batches (fewer images than one batch?)")
     bar.close()
     return tok.requires_grad_(False)
 
@@ -442,7 +516,8 @@ def evaluate_tokenizer(tok, imgs, batch_size=250):
     """imgs: [N, 3, H, W] in [0, 1] -> {'psnr': mean PSNR (dB) of decode(encode(imgs)),
     'perplexity': exp(entropy) of the code histogram, 'usage': fraction of the vocabulary used}."""
     device = next(tok.parameters()).device
-    psnr, counts = [], torch.zeros(tok.vocab_size, dtype=torch.long, device=device)
+    psnr = []
+    counts = torch.zeros(tok.vocab_size, dtype=torch.long, device=device)
     for x in imgs.split(batch_size):
         x = x.to(device).float()
         tokens = tok.encode(x)
@@ -471,7 +546,6 @@ def save_reconstructions(path, tok, imgs, nrow=8):
 
 def fashion_mnist_images(train=True, size=32):
     """Fashion-MNIST (engine.fashion_mnist) as float [N, 3, size, size] in [0, 1]: resized, gray expanded to RGB."""
-    import engine
     x = engine.fashion_mnist(train=train)[0][:, None].float() / 255  # [N, 1, 28, 28]
     if size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=size < x.shape[-1]).clamp(0, 1)
@@ -480,25 +554,37 @@ def fashion_mnist_images(train=True, size=32):
 
 def _dataset(data, size, train):
     """'fashion-mnist' or an image folder (with train/ and test/ or val/, else 5% of it held out)
-    -> the training or held-out Dataset of (img [3, size, size] in [0, 1], ...)."""
+    -> (the training or held-out Dataset of (img [3, size, size] in [0, 1], ...), which images these are in words)."""
+    split = 'training' if train else 'test'
     if data == 'fashion-mnist':
-        return torch.utils.data.TensorDataset(fashion_mnist_images(train, size))
-    import engine
+        images = fashion_mnist_images(train, size)
+        return torch.utils.data.TensorDataset(images), f"Fashion-MNIST's {split} split ({len(images)} images)"
     from torchvision.transforms import v2
     tf = [v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)]
-    tf = v2.Compose(tf + [v2.RandomHorizontalFlip()] if train else tf)
+    if train:
+        tf.append(v2.RandomHorizontalFlip())
+    tf = v2.Compose(tf)
     held = [d for d in ('test', 'val') if os.path.isdir(os.path.join(data, d))]
     if os.path.isdir(os.path.join(data, 'train')) and held:
-        return engine.ImageFiles(os.path.join(data, 'train' if train else held[0]), tf)
+        folder = os.path.join(data, 'train' if train else held[0])
+        images = engine.ImageFiles(folder, tf)
+        return images, f"the folder's {split} split '{folder}' ({len(images)} images)"
     images = engine.ImageFiles(data, tf)
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).tolist()
     n_held = max(1, len(perm) // 20)
-    return torch.utils.data.Subset(images, perm[n_held:] if train else perm[:n_held])
+    why = f"of the {len(images)} images in '{data}', a folder without train/ and test/ or val/ subfolders"
+    if train:
+        return torch.utils.data.Subset(images, perm[n_held:]), f"95% {why} (5% are held out for evaluation)"
+    return torch.utils.data.Subset(images, perm[:n_held]), f"the 5% held out from training {why}"
 
 
-def _held_out_images(dataset, n):
-    """A fixed random subset of n images of a Dataset of (img, ...) -> [n, 3, S, S]."""
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n].tolist()
+def _eval_images(data, size, n):
+    """Up to n fixed random images of `data`'s held-out split -> [k, 3, size, size]; prints which and why."""
+    dataset, which = _dataset(data, size, train=False)
+    k = min(n, len(dataset))
+    count = f"{k} of the requested {n}" if k < n else f"{k}"
+    print(f"evaluating on {count} image{'s' if n > 1 else ''}: {which}")
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:k].tolist()
     return torch.stack([dataset[i][0] for i in idx])
 
 
@@ -507,30 +593,36 @@ def _report(stats, n, vocab_size):
             f"{100 * stats['usage']:.1f}% of {vocab_size}, on {n} held-out images")
 
 
+def _print_json(file, metrics):
+    print(json.dumps(metrics), file=file, flush=True)
+
+
 def cmd_train(args):
     d = 2 ** (args.groups - 1)
     if args.image_size % d:
-        raise ValueError(f"--image-size {args.image_size} is not divisible by the downsampling 2^(groups-1) = {d}")
+        raise engine.UserError(f"--image-size {args.image_size} is not divisible by the downsampling "
+                               f"2^(groups-1) = {d}")
     torch.manual_seed(args.seed)
-    train_set = _dataset(args.data, args.image_size, train=True)
+    train_set, which = _dataset(args.data, args.image_size, train=True)
     workers = 0 if args.data == 'fashion-mnist' else args.workers  # tensors in memory need no workers
     loader = torch.utils.data.DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0)
     if len(loader) == 0:
-        raise ValueError(f"'{args.data}' has {len(train_set)} training images, fewer than a batch of {args.batch_size}")
+        raise engine.UserError(f"'{args.data}' has {len(train_set)} training images, fewer than a batch of "
+                               f"{args.batch_size}")
     steps = args.steps or (args.epochs or 1) * len(loader)
     config = dict(vocab_size=args.vocab, n_hid=args.n_hid, n_blk_per_group=args.blocks, group_count=args.groups,
                   n_init=args.n_init)
-    print(f"training a tokenizer {config} on {len(train_set)} images of '{args.data}' for {steps} steps")
+    print(f"training a tokenizer {config} for {steps} steps on {len(train_set)} images: {which}")
     os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
     with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
         tok = train_tokenizer(loader, config, steps, lr=args.lr, device=args.device, kl_weight=args.kl_weight,
-                              log=lambda m: print(json.dumps(m), file=f, flush=True), resume=args.resume,
+                              log=functools.partial(_print_json, f), resume=args.resume,
                               ckpt_path=os.path.join(args.out_dir, 'checkpoint.pt'))
     minutes = (time.time() - t0) / 60
     save_tokenizer(tok, os.path.join(args.out_dir, 'tokenizer.pt'))
-    imgs = _held_out_images(_dataset(args.data, args.image_size, train=False), args.eval_images)
+    imgs = _eval_images(args.data, args.image_size, args.eval_images)
     stats = evaluate_tokenizer(tok, imgs)
     save_reconstructions(os.path.join(args.out_dir, 'reconstructions.png'), tok, imgs[:32])
     with open(os.path.join(args.out_dir, 'report.json'), 'w') as f:
@@ -542,10 +634,16 @@ def cmd_train(args):
 
 def cmd_eval(args):
     tok = load_tokenizer(args.tokenizer).to(args.device)
-    imgs = _held_out_images(_dataset(args.data, args.image_size, train=False), args.eval_images)
+    imgs = _eval_images(args.data, args.image_size, args.eval_images)
     stats = evaluate_tokenizer(tok, imgs)
     save_reconstructions(args.out, tok, imgs[:32])
     print(f"{_report(stats, len(imgs), tok.vocab_size)}; wrote {args.out}")
+
+
+def _seconds(f, arg):
+    t0 = time.perf_counter()
+    f(arg)
+    return time.perf_counter() - t0
 
 
 def cmd_benchmark(args):
@@ -553,79 +651,99 @@ def cmd_benchmark(args):
     try:
         import dall_e
     except ImportError:
-        raise ValueError("the benchmark needs OpenAI's package: pip install --no-deps dall-e==0.1 attrs") from None
+        raise engine.UserError("the benchmark needs OpenAI's package: pip install --no-deps dall-e==0.1 "
+                               "attrs") from None
     torch.manual_seed(0)
     tok = load_dalle(args.dalle) if args.dalle else Tokenizer()  # default: DALL-E's full-size config
     c = tok.config
     kw = dict(n_hid=c['n_hid'], n_blk_per_group=c['n_blk_per_group'], vocab_size=c['vocab_size'])
-    official_enc, official_dec = dall_e.Encoder(**kw), dall_e.Decoder(**kw, n_init=c['n_init'])
+    official_enc = dall_e.Encoder(**kw)
+    official_dec = dall_e.Decoder(**kw, n_init=c['n_init'])
     official_enc.load_state_dict(tok.encoder.state_dict())
     official_dec.load_state_dict(tok.decoder.state_dict())
-    official = {'encode': lambda x: official_enc(dall_e.map_pixels(x)).argmax(1),
-                'decode': lambda t: dall_e.unmap_pixels(torch.sigmoid(
-                    official_dec(F.one_hot(t, c['vocab_size']).permute(0, 3, 1, 2).float())[:, :3]))}
+
+    def official_encode(x):
+        return official_enc(dall_e.map_pixels(x)).argmax(1)
+
+    def official_decode(tokens):
+        one_hot = F.one_hot(tokens, c['vocab_size']).permute(0, 3, 1, 2).float()
+        return dall_e.unmap_pixels(torch.sigmoid(official_dec(one_hot)[:, :3].float()))
+
+    official = {'encode': official_encode, 'decode': official_decode}
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
     print(f"input {tuple(x.shape)}, config {c}, {args.dalle or 'random weights'}, {torch.get_num_threads()} threads, "
           f"best of {args.repeats} runs after a warm-up")
-
-    def seconds(f, arg):
-        t0 = time.perf_counter()
-        f(arg)
-        return time.perf_counter() - t0
-
     with torch.no_grad():
         tokens = tok.encode(x)
-        print(f"tokens equal: {100 * (tokens == official['encode'](x)).float().mean().item():.2f}%, decoded max abs "
-              f"diff: {(tok.decode(tokens) - official['decode'](tokens)).abs().max().item():.1e}")
+        equal = 100 * (tokens == official_encode(x)).float().mean().item()
+        diff = (tok.decode(tokens) - official_decode(tokens)).abs().max().item()
+        print(f"tokens equal: {equal:.2f}%, decoded max abs diff: {diff:.1e}")
         for name, arg in (('encode', x), ('decode', tokens)):
-            ours, theirs = [], []
+            ours = []
+            theirs = []
             for _ in range(args.repeats + 1):  # alternating, so a change in machine load hits both; first = warm-up
-                theirs.append(seconds(official[name], arg))
-                ours.append(seconds(getattr(tok, name), arg))
-            t_ours, t_theirs = min(ours[1:]), min(theirs[1:])
+                theirs.append(_seconds(official[name], arg))
+                ours.append(_seconds(getattr(tok, name), arg))
+            t_ours = min(ours[1:])
+            t_theirs = min(theirs[1:])
             print(f"{name}: official {t_theirs:.3f} s, ours {t_ours:.3f} s, ratio {t_ours / t_theirs:.2f}x")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest='cmd', required=True)
+    parser = engine.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest='cmd', required=True)  # subparsers: engine.ArgumentParser too
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    p = sub.add_parser('train', help='train a small tokenizer (discrete VAE)')
-    p.add_argument('--data', required=True, help="image folder, or 'fashion-mnist' (the built-in demo data)")
-    p.add_argument('--image-size', type=int, default=32)
-    p.add_argument('--vocab', type=int, default=SMALL_CONFIG['vocab_size'])
-    p.add_argument('--n-hid', type=int, default=SMALL_CONFIG['n_hid'])
-    p.add_argument('--groups', type=int, default=SMALL_CONFIG['group_count'], help='downsampling 2^(groups-1)')
-    p.add_argument('--blocks', type=int, default=SMALL_CONFIG['n_blk_per_group'], help='blocks per group')
-    p.add_argument('--n-init', type=int, default=SMALL_CONFIG['n_init'])
-    p.add_argument('--steps', type=int, default=None, help='training steps (default: --epochs epochs)')
-    p.add_argument('--epochs', type=int, default=None)
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--lr', type=float, default=4e-3)
+    folder = ("image folder (with train/ and test/ or val/ subfolders, else a fixed 5%% is held out for evaluation), "
+              "or 'fashion-mnist' (the demo data)")
+    p = sub.add_parser('train', help='train a small tokenizer (discrete VAE)',
+                       description="Train a small DALL-E-style dVAE tokenizer (SMALL_CONFIG by default).")
+    p.add_argument('--data', required=True, help=folder)
+    p.add_argument('--image-size', type=int, default=32, help='images are resized and center-cropped to this side')
+    p.add_argument('--vocab', type=int, default=SMALL_CONFIG['vocab_size'], help='number of codes (tokens)')
+    p.add_argument('--n-hid', type=int, default=SMALL_CONFIG['n_hid'],
+                   help='width of the first encoder / last decoder group (doubles per group)')
+    p.add_argument('--groups', type=int, default=SMALL_CONFIG['group_count'],
+                   help='resolution groups: downsampling 2^(groups-1)')
+    p.add_argument('--blocks', type=int, default=SMALL_CONFIG['n_blk_per_group'], help='residual blocks per group')
+    p.add_argument('--n-init', type=int, default=SMALL_CONFIG['n_init'],
+                   help="decoder width after the token embedding")
+    p.add_argument('--steps', type=int, default=None,
+                   help='training steps, which the tau / KL weight / lr schedules span (default: --epochs epochs)')
+    p.add_argument('--epochs', type=int, default=None, help='epochs, when --steps is not given (default: 1)')
+    p.add_argument('--batch-size', type=int, default=64, help='images per step')
+    p.add_argument('--lr', type=float, default=4e-3, help='peak AdamW learning rate (cosine-decayed 80x)')
     p.add_argument('--kl-weight', type=float, default=6.6, help="final KL weight (DALL-E's)")
-    p.add_argument('--eval-images', type=int, default=1000)
-    p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--device', default=device)
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--resume', action='store_true', help='continue from OUT_DIR/checkpoint.pt')
-    p.add_argument('--out-dir', default='runs/dvae')
-    p = sub.add_parser('eval', help="a tokenizer's reconstruction PSNR and code usage on held-out images")
-    p.add_argument('--tokenizer', required=True, help='DALL-E weights folder or a .pt from dvae.py')
-    p.add_argument('--data', required=True, help="image folder or 'fashion-mnist'")
-    p.add_argument('--image-size', type=int, default=112)
-    p.add_argument('--eval-images', type=int, default=1000)
-    p.add_argument('--device', default=device)
-    p.add_argument('--out', default='runs/dvae_eval.png')
-    p = sub.add_parser('benchmark', help="time our encode/decode against OpenAI's dall_e modules on the CPU")
+    p.add_argument('--eval-images', type=int, default=1000, help='held-out images evaluated after training')
+    p.add_argument('--workers', type=int, default=2, help='data-loader processes (image folders only)')
+    p.add_argument('--device', default=device, help='torch device')
+    p.add_argument('--seed', type=int, default=0, help='random seed (initialization, data order)')
+    p.add_argument('--resume', action='store_true',
+                   help='continue from OUT_DIR/checkpoint.pt (same model flags and --steps)')
+    p.add_argument('--out-dir', default='runs/dvae',
+                   help='where tokenizer.pt, checkpoint.pt, log.jsonl, report.json and reconstructions.png go')
+    p = sub.add_parser('eval', help="a tokenizer's reconstruction PSNR and code usage on held-out images",
+                       description="A tokenizer's reconstruction PSNR, code perplexity and usage on held-out images, "
+                                   "and a PNG of originals and reconstructions.")
+    p.add_argument('--tokenizer', required=True, help="DALL-E weights folder (encoder.pkl, decoder.pkl) or a .pt "
+                                                      "from dvae.py train")
+    p.add_argument('--data', required=True, help=folder)
+    p.add_argument('--image-size', type=int, default=112, help="images are resized and center-cropped to this side "
+                                                               "(CIM's tokenizer view: 112)")
+    p.add_argument('--eval-images', type=int, default=1000, help='held-out images evaluated (at most)')
+    p.add_argument('--device', default=device, help='torch device')
+    p.add_argument('--out', default='runs/dvae_eval.png', help='PNG: rows of originals, each above its reconstructions')
+    p = sub.add_parser('benchmark', help="time our encode/decode against OpenAI's dall_e modules on the CPU",
+                       description="Our encode/decode against OpenAI's dall_e modules (the test-only package), same "
+                                   "weights and input, on the CPU: agreement and time.")
     p.add_argument('--dalle', default=None, help='DALL-E weights folder (default: random weights, full-size config)')
-    p.add_argument('--image-size', type=int, default=112)
-    p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--repeats', type=int, default=3)
+    p.add_argument('--image-size', type=int, default=112, help='input side in pixels')
+    p.add_argument('--batch-size', type=int, default=8, help='images per call')
+    p.add_argument('--repeats', type=int, default=3, help='timed runs after a warm-up (the best is reported)')
     args = parser.parse_args(argv)
     try:
         {'train': cmd_train, 'eval': cmd_eval, 'benchmark': cmd_benchmark}[args.cmd](args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except engine.UserError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
 
 

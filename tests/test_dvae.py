@@ -1,4 +1,5 @@
 """dvae.py against OpenAI's dall_e package (the test-only oracle), and the small trainable tokenizer."""
+import functools
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import dvae
+import engine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=64, n_hid=16, n_blk_per_group=1, group_count=2, n_init=16)  # downsample 2
@@ -152,9 +154,9 @@ def test_load_dalle_rejects_other_files(official, dalle_dirs, tmp_path):
     _, enc, dec = official
     d = tmp_path / 'w'
     d.mkdir()
-    with pytest.raises(FileNotFoundError, match='encoder.pkl'):
+    with pytest.raises(engine.UserError, match='encoder.pkl'):
         dvae.load_dalle(str(d))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(engine.UserError, match='does not exist'):
         dvae.load_dalle(str(tmp_path / 'missing'))
     torch.save(dec, d / 'decoder.pkl')
     for obj, match in (({'a': 1}, 'type dict'), (enc.state_dict(), 'type OrderedDict'),
@@ -200,13 +202,61 @@ def test_encode_decode_shapes_dtypes_autocast_channels_last():
         ref = tok.encoder(dvae.map_pixels(x))
         cl = tok.encoder(dvae.map_pixels(x).contiguous(memory_format=torch.channels_last))
         assert cl.is_contiguous(memory_format=torch.channels_last) and rel_err(cl, ref) < 1e-5
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        with torch.no_grad():
-            assert tok.encoder(dvae.map_pixels(x)).dtype == torch.bfloat16  # computes in bf16, no forced fp32
-        t16 = tok.encode(x)
-        i16 = tok.decode(tokens)
-    assert t16.shape == tokens.shape and t16.dtype == torch.long
-    assert i16.dtype == torch.float32 and (i16 - imgs).abs().max() < 0.05
+    with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():  # the bare networks follow autocast
+        assert tok.encoder(dvae.map_pixels(x)).dtype == torch.bfloat16
+        assert tok.decoder(tokens).dtype == torch.bfloat16
+
+
+def test_cpu_policy_is_float32_whatever_the_autocast():
+    assert dvae.body_dtype('cpu') == torch.float32 and dvae.body_dtype(torch.device('cuda', 1)) == torch.float16
+    torch.manual_seed(0)
+    tok = dvae.Tokenizer(**dvae.SMALL_CONFIG)
+    x = torch.rand(2, 3, 16, 16)
+    tokens = tok.encode(x)
+    imgs = tok.decode(tokens)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast('cpu', dtype=dtype):
+            assert torch.equal(tok.encode(x), tokens)
+            assert torch.equal(tok.decode(tokens), imgs)
+    half_input = x.to(torch.bfloat16)  # low-precision images are computed on in float32
+    assert torch.equal(tok.encode(half_input), tok.encode(half_input.float()))
+
+
+def _record_dtypes(modules):
+    """Forward hooks on {name: module} -> {name: (input dtype, output dtype)}, filled as they run."""
+    seen = {}
+    for name, module in modules.items():
+        module.register_forward_hook(functools.partial(_store_dtypes, seen, name))
+    return seen
+
+
+def _store_dtypes(seen, name, module, inputs, output):
+    seen[name] = (inputs[0].dtype, output.dtype)
+
+
+def test_float16_body_keeps_dalles_float32_convs():
+    """The CUDA policy, run on the CPU: body in float16, the encoder's logits conv and the decoder's token lookup in
+    float32, the decoder's output conv in float16 (only those two convs have use_float16=False in dall_e)."""
+    torch.manual_seed(0)
+    tok = dvae.Tokenizer(**dvae.SMALL_CONFIG)
+    seen = _record_dtypes({'enc_input': tok.encoder.blocks.input, 'enc_logits': tok.encoder.blocks.output.conv,
+                           'dec_block': tok.decoder.blocks.group_1.block_1, 'dec_out': tok.decoder.blocks.output.conv})
+    x = dvae.map_pixels(blobs(4, size=32))
+    with torch.no_grad():
+        ref = tok.encoder(x)  # [4, 512, 8, 8] float32
+        logits = tok.encoder(x, dtype=torch.float16)
+        tokens = ref.argmax(1)
+        out = tok.decoder(tokens, dtype=torch.float16)  # [4, 6, 32, 32]
+        out_ref = tok.decoder(tokens)
+        one_hot = F.one_hot(tokens, tok.vocab_size).permute(0, 3, 1, 2).float()
+        out_one_hot = tok.decoder(one_hot, dtype=torch.float16)
+    assert seen['enc_input'] == (torch.float16, torch.float16)
+    assert seen['enc_logits'] == (torch.float32, torch.float32)
+    assert seen['dec_block'][0] == torch.float16 and seen['dec_out'] == (torch.float16, torch.float16)
+    assert logits.dtype == torch.float32 and out.dtype == torch.float16
+    assert (logits.argmax(1) == tokens).float().mean() > 0.9 and rel_err(logits, ref) < 1e-2
+    assert (torch.sigmoid(out[:, :3].float()) - torch.sigmoid(out_ref[:, :3])).abs().max() < 1e-2
+    assert rel_err(out_one_hot.float(), out.float()) < 1e-3  # the same float32 input conv, then float16
 
 
 def test_decode_by_index_equals_decode_by_one_hot():
@@ -215,10 +265,25 @@ def test_decode_by_index_equals_decode_by_one_hot():
     dec.blocks.input.b.data.normal_()
     tokens = torch.randint(0, 100, (3, 4, 5))
     with torch.no_grad():
-        by_index = dec.forward_indices(tokens)
+        by_index = dec(tokens)
         by_one_hot = dec(F.one_hot(tokens, 100).permute(0, 3, 1, 2).float())
     assert by_index.shape == (3, 6, 16, 20)
     assert rel_err(by_index, by_one_hot) < 1e-5
+
+
+def test_compiled_tokenizer_equals_eager():
+    """Tokenizer.compile covers encode and decode (inductor: C++ kernels built with gcc, ~40 s cold on a CPU)."""
+    config = {**TINY, 'group_count': 1}  # the smallest network: compile time grows with the number of kernels
+    torch.manual_seed(0)
+    tok = dvae.Tokenizer(**config)
+    x = torch.rand(2, 3, 4, 4)
+    tokens = tok.encode(x)
+    imgs = tok.decode(tokens)
+    assert tok.compile() is tok
+    assert tok.encoder._compiled_call_impl is not None and tok.decoder._compiled_call_impl is not None
+    assert torch.equal(tok.encode(x), tokens)
+    assert (tok.decode(tokens) - imgs).abs().max() < 1e-5
+    assert set(tok.state_dict()) == set(dvae.Tokenizer(**config).state_dict())  # official names kept
 
 
 def test_bad_inputs_give_value_errors():
@@ -244,7 +309,7 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(loaded.state_dict()[k], v)
     x = torch.rand(2, 3, 8, 8)
     assert torch.equal(loaded.encode(x), tok.encode(x))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(engine.UserError, match='does not exist'):
         dvae.load_tokenizer(str(tmp_path / 'missing.pt'))
     torch.save({'config': {**TINY, 'vocab_size': 65}, 'state_dict': tok.state_dict()}, tmp_path / 'bad.pt')
     with pytest.raises(ValueError, match='do not fit'):
@@ -253,9 +318,9 @@ def test_save_load_round_trip(tmp_path):
     with pytest.raises(ValueError, match='not a tokenizer'):
         dvae.load_tokenizer(str(tmp_path / 'other.pt'))
     torch.save(Payload(str(tmp_path / 'pwned')), tmp_path / 'evil.pt')
-    with pytest.raises(ValueError, match='weights only'):
+    with pytest.raises(engine.UserError, match='is not a tokenizer') as e:  # refused by engine.torch_load
         dvae.load_tokenizer(str(tmp_path / 'evil.pt'))
-    assert not os.path.exists(tmp_path / 'pwned')
+    assert not os.path.exists(tmp_path / 'pwned') and 'weights_only' not in str(e.value)
 
 
 class FixedTokenizer(torch.nn.Module):
@@ -311,7 +376,8 @@ def test_training_lowers_the_loss(tmp_path):
     assert [m['step'] for m in logs] == [50, 60] and not any(p.requires_grad for p in tok.parameters())
     resumed = dvae.load_tokenizer(ckpt)  # the training checkpoint is a tokenizer file too
     assert torch.equal(resumed.encode(data), tok.encode(data))
-    assert torch.load(ckpt, weights_only=True)['step'] == 60
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved['step'] == 60 and saved['steps'] == 60  # the schedule's length, checked on resume
 
 
 def test_cli_train_eval_and_errors(tmp_path, capsys):
@@ -327,18 +393,38 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
     assert report['n_images'] == 1 and 0 < report['usage'] <= 1 and report['psnr'] > 0  # 5% of 24 held out
     assert (out / 'reconstructions.png').stat().st_size > 0 and (out / 'log.jsonl').exists()
     assert dvae.load_tokenizer(str(out / 'tokenizer.pt')).config['vocab_size'] == 64
-    dvae.main(['eval', '--tokenizer', str(out / 'tokenizer.pt'), '--data', str(data), '--image-size', '8',
-               '--out', str(tmp_path / 'eval.png')])
-    assert 'PSNR' in capsys.readouterr().out
-    for argv in (['eval', '--tokenizer', str(tmp_path / 'missing'), '--data', str(data)],
-                 ['train', '--data', str(tmp_path / 'nothing'), '--out-dir', str(out)],
-                 ['train', '--data', str(data), '--image-size', '6', '--out-dir', str(out), '--steps', '1',
-                  '--batch-size', '4', '--workers', '0']):
+    printed = capsys.readouterr().out  # 5% of 24 images: 1 held out
+    assert 'evaluating on 1 of the requested 1000 images: the 5% held out from training of the 24 images in' in printed
+    split = tmp_path / 'split'
+    for name, n in (('train', 2), ('test', 3)):
+        (split / name).mkdir(parents=True)
+        for i, img in enumerate(blobs(n, size=12)):
+            save_image(img, split / name / f'{i}.png')
+    for folder, which in ((data, 'the 5% held out from training of the 24 images in'),
+                          (split, f"the folder's test split '{split / 'test'}' (3 images)")):
+        dvae.main(['eval', '--tokenizer', str(out / 'tokenizer.pt'), '--data', str(folder), '--image-size', '8',
+                   '--eval-images', '3925', '--out', str(tmp_path / 'eval.png')])
+        printed = capsys.readouterr().out
+        assert f'evaluating on {1 if folder == data else 3} of the requested 3925 images: {which}' in printed
+        assert 'PSNR' in printed
+    (tmp_path / 'junk.pth').write_bytes(b'\x00\x17junk' * 50)  # neither a zip nor a pickle
+    train = ['train', '--data', str(data), '--image-size', '8', '--vocab', '64', '--n-hid', '16', '--groups', '2',
+             '--n-init', '16', '--batch-size', '8', '--workers', '0', '--out-dir', str(out), '--resume']
+    for argv, match in ((['eval', '--tokenizer', str(tmp_path / 'missing'), '--data', str(data)], 'does not exist'),
+                        (['eval', '--tokenizer', str(tmp_path / 'junk.pth'), '--data', str(data)], 'not a tokenizer'),
+                        (['train', '--data', str(tmp_path / 'nothing'), '--out-dir', str(out)], 'nothing'),
+                        (['train', '--data', str(data), '--image-size', '6', '--out-dir', str(out), '--steps', '1',
+                          '--batch-size', '4', '--workers', '0'], 'not divisible'),
+                        (train + ['--steps', '5'], 'not 5; resume with --steps 3, or pass a new --out-dir'),
+                        (['train', '--data', str(data), '--bogus'], 'unrecognized arguments: --bogus')):
         with pytest.raises(SystemExit) as e:
             dvae.main(argv)
         assert e.value.code == 2
         err = capsys.readouterr().err
-        assert err.startswith('error: ') and err.count('\n') == 1
+        assert err.startswith('error: ') and err.count('\n') == 1 and match in err
+        assert 'weights_only' not in err and len(err) < 200 + len(str(tmp_path)) + 20
+    dvae.main(train + ['--steps', '3'])  # the same --steps: resumes at the end, nothing left to train
+    assert 'trained 0.0 min' in capsys.readouterr().out
 
 
 def test_benchmark_runs(official, dalle_dirs, capsys):
