@@ -1,4 +1,5 @@
 """engine.py: each piece against a hand-computed or brute-force reference."""
+import argparse
 import math
 import os
 import random
@@ -17,13 +18,15 @@ CPU = torch.device('cpu')
 # ---------------------------------------------------------------------------------------------------------------
 # lr schedule and parameter groups
 
-def test_cosine_lr_warmup_peak_and_end():
-    lrs = [engine.cosine_lr(s, total_steps=100, warmup_steps=10, peak_lr=1.0, min_lr=0.1) for s in range(100)]
+def test_cosine_schedule_warmup_peak_and_end():
+    lrs = engine.cosine_schedule(peak_lr=1.0, min_lr=0.1, total_steps=100, warmup_steps=10)
+    assert len(lrs) == 100
     assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])    # linear, peak at the last warmup step
     assert lrs[10] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))                # cosine decays monotonically
-    assert engine.cosine_lr(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert engine.cosine_schedule(1.0, 0.0, 5, 0)[0] == pytest.approx(1.0)  # no warmup: starts at the peak
     assert engine.scaled_lr(1.5e-3, 512, 2048) == pytest.approx(3.75e-4)
 
 
@@ -45,7 +48,8 @@ def test_param_groups_no_decay_names_and_lr_scale():
     assert got == {(0.05, 1.0): ['fc.weight'], (0.0, 1.0): sorted(no_decay),
                    (0.05, 0.5): ['conv.weight'], (0.0, 0.5): ['conv.bias']}
     opt = torch.optim.AdamW(groups, lr=1.0)
-    engine.set_lr(opt, 2e-3)
+    for g in opt.param_groups:                                             # what the training loops do
+        g['lr'] = 2e-3 * g['lr_scale']
     assert sorted(g['lr'] for g in opt.param_groups) == pytest.approx([1e-3, 1e-3, 2e-3, 2e-3])
 
 
@@ -98,106 +102,148 @@ def test_tensor_images_pads_to_rgb():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# metrics, mixed precision, the optimizer step
+# data: subsets, the endless stream of batches a resumed run re-enters exactly
 
-def test_metrics_means_skip_non_finite_and_totals_add():
-    m = engine.Metrics(CPU)
-    m.update(loss=torch.tensor(1.0), acc=0.5)
-    m.update(loss=torch.tensor(float('nan')), acc=0.7)
-    m.update(loss=torch.tensor(3.0, dtype=torch.bfloat16), acc=0.9)
-    m.add(n_bad=2)
-    m.add(n_bad=3)
-    assert m.reduce() == pytest.approx({'loss': 2.0, 'acc': 0.7, 'n_bad': 5})
-    m.update(loss=float('inf'))
-    assert math.isnan(m.reduce()['loss'])                                  # nothing finite: NaN, not 0
+def test_subset_is_seeded_spread_and_a_noop_when_large():
+    data = list(range(100))
+    a = engine.subset(data, 10, seed=1)
+    assert len(a) == 10 and list(a) == list(engine.subset(data, 10, seed=1)) and list(a) != list(range(10))
+    assert list(a) == sorted(a) and len(set(a)) == 10
+    assert engine.subset(data, None) is data and engine.subset(data, 100) is data
+    with pytest.raises(engine.UserError, match='--subset must be >= 1'):
+        engine.subset(data, 0)
 
 
-def test_autocast_bf16_on_cpu():
-    lin = nn.Linear(4, 4)
-    with engine.autocast(CPU, engine.resolve_amp('bf16', CPU)[1]):
-        assert lin(torch.randn(2, 4)).dtype == torch.bfloat16
-    with engine.autocast(CPU, engine.resolve_amp('none', CPU)[1]):
-        assert lin(torch.randn(2, 4)).dtype == torch.float32
+def test_endless_batches_resume_where_an_uninterrupted_run_is():
+    """Steps 5.. of a fresh stream equal steps 5.. of an uninterrupted one, across epoch boundaries (7 samples,
+    batch 2, accumulation 1: 3 steps per epoch)."""
+    def stream(start):
+        ds = engine.SeededDataset(_RandomItems(), seed=0)
+        sampler = engine.ResumableSampler(ds, 2, seed=0)
+        loader, steps = engine.train_loader(ds, sampler, 2, 1, 0, 0, CPU)
+        assert steps == 4
+        return engine.endless_batches(loader, start, steps, 1)
+    whole = [next(b)[0] for b in [stream(0)] for _ in range(11)]
+    resumed = [next(b)[0] for b in [stream(5)] for _ in range(6)]
+    assert all(torch.equal(x, y) for x, y in zip(whole[5:], resumed))
+    assert not torch.equal(whole[0], whole[4])                             # epoch 2 is reshuffled and redrawn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mixed precision and the pieces of the optimizer step the training loops write out
+
+def test_resolve_amp_on_cpu():
+    assert engine.resolve_amp('bf16', CPU) is torch.bfloat16
+    assert engine.resolve_amp('fp16', CPU) is torch.float16
+    assert engine.resolve_amp('none', CPU) is None
+    assert engine.resolve_amp(None, CPU) is None  # unset: full precision on a CPU, bf16 on a GPU
+
+
+def test_grad_norm_is_fp64_and_finite_for_huge_finite_gradients():
+    # squares of 1e25 overflow fp32: clip_grad_norm_'s norm is inf there; ours is the true one
+    lin = nn.Linear(4, 1, bias=False)
+    lin(torch.full((1, 4), 1e25)).sum().backward()                          # weight.grad = [1e25] * 4
+    norm = engine.grad_norm(list(lin.parameters()))
+    assert norm.dtype == torch.float64 and norm.item() == pytest.approx(2e25, rel=1e-6)
+    torch.nn.utils.clip_grads_with_norm_(list(lin.parameters()), 1.0, norm)
+    assert torch.linalg.vector_norm(lin.weight.grad).item() == pytest.approx(1.0, rel=1e-5)
+    lin.weight.grad[0, 0] = float('nan')
+    assert not torch.isfinite(engine.grad_norm(list(lin.parameters())))
 
 
 @pytest.mark.parametrize('amp', ['bf16', 'fp16', 'none'])
-def test_optimizer_step_clips_and_skips_non_finite(amp):
+def test_scaler_skips_non_finite_steps_and_keeps_scale_1_outside_fp16(amp):
+    """The loops' step: GradScaler(init 2^16 for fp16, else 1), unscale_, step, update(None if fp16 else 1.0).
+    A non-finite gradient skips the step, fused AdamW's state included; only fp16 backs off its scale."""
     torch.manual_seed(0)
-    lin = nn.Linear(5, 3)
-    opt = torch.optim.SGD(lin.parameters(), lr=1.0)
-    scaler = engine.grad_scaler(CPU, amp)
-    w0 = [p.detach().clone() for p in lin.parameters()]
-    scaler.scale(lin(torch.randn(4, 5)).pow(2).sum() * 100).backward()
-    raw = torch.cat([p.grad.flatten() for p in lin.parameters()]).norm() / scaler.get_scale()
-    norm = engine.optimizer_step(opt, scaler, list(lin.parameters()), amp, clip_grad=0.5)
-    assert norm.item() == pytest.approx(raw.item(), rel=1e-4)             # reported before clipping
-    step = torch.cat([(p - q).flatten() for p, q in zip(lin.parameters(), w0)])
-    assert step.norm().item() == pytest.approx(0.5, rel=1e-4)             # SGD lr 1: the update is the clipped grad
-    w1 = [p.detach().clone() for p in lin.parameters()]
-    scaler.scale(lin(torch.full((4, 5), float('nan'))).sum()).backward()
-    assert not torch.isfinite(engine.optimizer_step(opt, scaler, list(lin.parameters()), amp, clip_grad=0.5))
-    assert all(torch.equal(p, q) for p, q in zip(lin.parameters(), w1))  # skipped: unchanged
-    assert all(p.grad is None for p in lin.parameters())
-    assert scaler.get_scale() == (2.0 ** 15 if amp == 'fp16' else 1.0)  # fp16 backs off; bf16/fp32 stays at 1
-
-
-@pytest.mark.parametrize('clip', [None, 1e30])
-def test_optimizer_step_with_huge_finite_gradients_stays_finite(clip):
-    # squares of 1e25 overflow fp32: clip_grad_norm_ reports inf and, without clipping (inf / inf), writes NaN
-    lin = nn.Linear(4, 1, bias=False)
-    opt = torch.optim.SGD(lin.parameters(), lr=1e-30)
-    scaler = engine.grad_scaler(CPU, 'bf16')
-    scaler.scale(lin(torch.full((1, 4), 1e25)).sum()).backward()        # weight.grad = [1e25] * 4
-    norm = engine.optimizer_step(opt, scaler, list(lin.parameters()), 'bf16', clip_grad=clip)
-    assert norm.item() == pytest.approx(2e25, rel=1e-6)                    # the true norm, not inf
-    assert torch.isfinite(lin.weight).all() and not torch.equal(lin.weight, torch.zeros(1, 4))
-
-
-def test_fused_adamw_skip_leaves_optimizer_state_alone():
     lin = nn.Linear(3, 2)
     opt = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)
-    scaler = engine.grad_scaler(CPU, 'bf16')
-    scaler.scale(lin(torch.ones(1, 3)).sum()).backward()
-    engine.optimizer_step(opt, scaler, list(lin.parameters()), 'bf16')
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 16 if amp == 'fp16' else 1.0)
+
+    def step(x):
+        scaler.scale(lin(x).sum()).backward()
+        scaler.unscale_(opt)
+        norm = engine.grad_norm(list(lin.parameters()))
+        scaler.step(opt)
+        scaler.update(None if amp == 'fp16' else 1.0)
+        opt.zero_grad(set_to_none=True)
+        return norm
+    assert torch.isfinite(step(torch.ones(1, 3)))
+    w = [p.detach().clone() for p in lin.parameters()]
     state = {k: v.clone() for k, v in opt.state[lin.weight].items()}
-    scaler.scale(lin(torch.full((1, 3), float('inf'))).sum()).backward()
-    engine.optimizer_step(opt, scaler, list(lin.parameters()), 'bf16')
+    assert not torch.isfinite(step(torch.full((1, 3), float('inf'))))
+    assert all(torch.equal(p, q) for p, q in zip(lin.parameters(), w))     # skipped: unchanged
     assert all(torch.equal(state[k], v) for k, v in opt.state[lin.weight].items())
+    assert scaler.get_scale() == (2.0 ** 15 if amp == 'fp16' else 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoints and RNG states
 
 def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
-    torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    engine.save_checkpoint({'model': {}, 'rng': engine.rng_state()}, str(tmp_path))
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    engine.atomic_save({'model': {}, 'rng': engine.rng_state()}, str(tmp_path / 'c.pth'))
     expected = torch.rand(3), np.random.rand(3), random.random()
-    state, _ = engine.load_checkpoint(str(tmp_path / engine.CHECKPOINT))   # weights_only=True inside
+    state = engine.torch_load(str(tmp_path / 'c.pth'), 'checkpoint')       # weights_only=True inside
     engine.set_rng_state(state['rng'])
     got = torch.rand(3), np.random.rand(3), random.random()
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
-def test_checkpoint_keeps_previous_and_falls_back_when_last_is_truncated(tmp_path, capsys):
+def _state(model, opt, scaler, args):
+    return dict(model=model.state_dict(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                rng=[engine.rng_state()], log={'n': 1}, args=vars(args))
+
+
+def test_training_state_keeps_previous_falls_back_and_checks_the_run(tmp_path, capsys):
     d = str(tmp_path)
+    lin = nn.Linear(2, 2)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler('cpu')
+    args = argparse.Namespace(output_dir=d, arch='a', batch_size=4)
     assert engine.find_checkpoint(d) is None
-    engine.save_checkpoint({'model': {'w': torch.ones(3)}, 'step': 1}, d)
-    engine.save_checkpoint({'model': {'w': torch.ones(3)}, 'step': 2}, d)
+    for step in (1, 2):
+        engine.save_training_state(lin, opt, scaler, args, {'n': step}, step=step)
     assert sorted(os.listdir(d)) == [engine.CHECKPOINT, engine.PREVIOUS]  # no temp file left behind
+    assert engine.find_checkpoint(d).endswith(engine.CHECKPOINT)
+    log = {}
+    state, path = engine.load_training_state(engine.find_checkpoint(d), lin, opt, scaler, args, 0, log, ('arch',))
+    assert state['step'] == 2 and log == {'n': 2}
     last = tmp_path / engine.CHECKPOINT
-    assert engine.load_checkpoint(str(last))[0]['step'] == 2
     last.write_bytes(last.read_bytes()[:100])                              # a crash mid-copy, a full disk
-    state, path = engine.load_checkpoint(str(last))
+    state, path = engine.load_training_state(str(last), lin, opt, scaler, args, 0, log, ('arch',))
     assert state['step'] == 1 and path.endswith(engine.PREVIOUS)
-    assert 'unreadable' in capsys.readouterr().err
-    (tmp_path / engine.PREVIOUS).write_bytes(b'garbage')
-    with pytest.raises(ValueError, match='unreadable'):
-        engine.load_checkpoint(str(last))
+    assert 'truncated' in capsys.readouterr().err
+    other = argparse.Namespace(output_dir=d, arch='b', batch_size=4)
+    with pytest.raises(engine.UserError, match=r'--arch a \(now b\)'):
+        engine.load_training_state(str(tmp_path / engine.PREVIOUS), lin, opt, scaler, other, 0, log, ('arch',))
     torch.save({'weights': 1}, str(tmp_path / 'other.pth'))
-    with pytest.raises(ValueError, match='not a training checkpoint'):
-        engine.load_checkpoint(str(tmp_path / 'other.pth'))
-    with pytest.raises(FileNotFoundError):
-        engine.load_checkpoint(str(tmp_path / 'missing.pth'))
+    with pytest.raises(engine.UserError, match='not a training checkpoint'):
+        engine.load_training_state(str(tmp_path / 'other.pth'), lin, opt, scaler, args, 0, log, ('arch',))
+    with torch.no_grad():
+        lin.bias[0] = float('nan')
+    with pytest.raises(engine.TrainingError, match='non-finite'):          # the last good checkpoint stays
+        engine.save_training_state(lin, opt, scaler, args, {}, step=3)
+
+
+def test_torch_load_says_what_a_bad_file_is_not_in_one_short_line(tmp_path):
+    (tmp_path / 'junk.pth').write_text('not a checkpoint at all')
+    torch.save({'w': torch.zeros(3)}, tmp_path / 'ok.pth')
+    (tmp_path / 'cut.pth').write_bytes((tmp_path / 'ok.pth').read_bytes()[:200])
+    torch.save({'o': argparse.Namespace(a=1)}, tmp_path / 'obj.pth')  # not a tensor: refused
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    for name, expected in (('junk.pth', 'not a file written by torch.save'), ('cut.pth', 'or truncated'),
+                           ('empty.pth', 'not a file written by torch.save'), ('obj.pth', 'refused'),
+                           ('missing.pth', 'does not exist')):
+        path = str(tmp_path / name)
+        with pytest.raises(engine.UserError) as e:
+            engine.torch_load(path, 'weights file')
+        msg = str(e.value)
+        assert expected in msg and '\n' not in msg and len(msg) - len(path) < 200, msg
+        assert 'weights_only' not in msg                                  # never the unsafe advice
+    assert torch.equal(engine.torch_load(str(tmp_path / 'ok.pth'), 'x')['w'], torch.zeros(3))
 
 
 def test_all_finite():
@@ -235,7 +281,8 @@ def _knn_reference(train, train_y, test, test_y, k, T):
 def test_knn_accuracy_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 8, generator=g)
-    train_y, test_y = torch.randint(0, 4, (60,), generator=g), torch.randint(0, 4, (25,), generator=g)
+    train_y = torch.randint(0, 4, (60,), generator=g)
+    test_y = torch.randint(0, 4, (25,), generator=g)
     train = centers[train_y] + 1.5 * torch.randn(60, 8, generator=g)
     test = centers[test_y] + 1.5 * torch.randn(25, 8, generator=g)
     for k, T in ((5, 0.07), (20, 0.5)):
@@ -245,34 +292,57 @@ def test_knn_accuracy_matches_brute_force():
     assert engine.knn_accuracy(centers.repeat(3, 1), torch.arange(4).repeat(3), centers * 2, torch.arange(4)) == 1.0
 
 
-def test_linear_probe_separates_what_is_linearly_separable():
-    g = torch.Generator().manual_seed(0)
-    x, x_test = torch.randn(200, 5, generator=g) * 3 + 7, torch.randn(100, 5, generator=g) * 3 + 7
-    w = torch.randn(5, 3, generator=g)
-    y, y_test = (x @ w).argmax(1), (x_test @ w).argmax(1)                   # a linear rule: learnable
-    assert engine.linear_probe_accuracy(x, y, x_test, y_test, steps=200, lr=0.1, weight_decay=0) > 0.9
-    noise = torch.randint(0, 3, (200,), generator=g)                         # labels unrelated to x
-    assert engine.linear_probe_accuracy(x, noise, x_test, y_test, steps=100) < 0.6
-    assert engine.linear_probe_accuracy(x, y, x_test, y_test, steps=5) == engine.linear_probe_accuracy(
-        x, y, x_test, y_test, steps=5)                                       # zero init, full batch: deterministic
+def test_recompute_bn_stats_uses_the_given_images_and_leaves_eval_mode():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    imgs = torch.randn(40, 3, 5, 5) * 3 + 2
+    loader = [(imgs[i:i + 8], torch.zeros(8)) for i in range(0, 40, 8)]
+    engine.recompute_bn_stats(net, loader, CPU, max_images=24)
+    feats = net[0](imgs[:24]).detach()
+    assert not net.training and not net[1].training
+    assert torch.allclose(net[1].running_mean, feats.mean((0, 2, 3)), atol=1e-5)      # a plain average of 3 batches
+    want = torch.stack([net[0](imgs[i:i + 8]).detach().var((0, 2, 3)) for i in (0, 8, 16)]).mean(0)  # unbiased
+    assert torch.allclose(net[1].running_var, want, rtol=1e-4)
+    assert net[1].momentum == 0.1                                                    # restored
+    vit = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3)).train()
+    assert engine.recompute_bn_stats(vit, loader, CPU) is vit and not vit.training     # no BatchNorm: eval only
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# command-line errors
+# command line: recipes, the override rule, one-line errors
 
-def test_cli_errors_are_one_line(capsys):
-    """(train.py's bad-input tests run these paths end to end in subprocesses.)"""
+def test_apply_recipe_fills_only_unset_flags_and_help_prints_recipes(capsys):
+    recipe = dict(epochs=300, batch_size=256, betas=(0.9, 0.98))
+    parser = engine.ArgumentParser(epilog=engine.recipe_epilog({'Table 9': recipe}))
+    parser.add_argument('--epochs', type=int, help='epochs')
+    parser.add_argument('--batch-size', type=int, help='per GPU')
+    parser.add_argument('--betas', type=float, nargs=2)
+    parser.add_argument('--seed', type=int, default=0, help='seed')
+    args = parser.parse_args(['--epochs', '300'])                           # explicit, equal to the recipe: kept
+    taken = engine.apply_recipe(args, recipe)
+    assert taken == {'batch_size': 256, 'betas': (0.9, 0.98)} and args.epochs == 300
+    assert engine.flags(taken) == '--batch-size 256 --betas 0.9 0.98'
+    with pytest.raises(SystemExit):
+        parser.parse_args(['--help'])
+    text = capsys.readouterr().out
+    assert 'Table 9:' in text and '--epochs 300 --batch-size 256 --betas 0.9 0.98' in text
+    assert '(default: 0)' in text and '(default: None)' not in text
+
+
+def test_cli_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
     parser = engine.ArgumentParser()
     parser.add_argument('--n', type=int, choices=[1, 2])
 
     def main(argv):
-        raise {1: ValueError('bad value'), 2: FileNotFoundError('no such\nfile')}[parser.parse_args(argv).n]
+        n = parser.parse_args(argv).n
+        raise engine.UserError('bad\nvalue') if n == 1 else engine.TrainingError('diverged')
     for argv, message, code in ((['--n', '3'], 'error: argument --n: invalid choice', 2),
-                                (['--n', '1'], 'error: bad value', 2), (['--n', '2'], 'error: no such file', 2)):
+                                (['--n', '1'], 'error: bad value', 2), (['--n', '2'], 'error: diverged', 1)):
         with pytest.raises(SystemExit) as e:
             engine.run_cli(lambda: main(argv))
         err = capsys.readouterr().err
         assert e.value.code == code and err.startswith(message) and len(err.splitlines()) == 1, err
-    with pytest.raises(SystemExit) as e:
-        engine.run_cli(lambda: (_ for _ in ()).throw(engine.TrainingError('diverged')))
-    assert e.value.code == 1 and capsys.readouterr().err == 'error: diverged\n'
+    with pytest.raises(ZeroDivisionError):                                 # a bug: not turned into one line
+        engine.run_cli(lambda: 1 / 0)
+    with pytest.raises(ValueError):                                        # nor a plain ValueError (a bug)
+        engine.run_cli(lambda: int('x'))

@@ -65,10 +65,27 @@ def read_log(out):
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_preempted_run_resumes_exactly(files, tmp_path):
-    """Kill mid-epoch, resume: bit-identical to an uninterrupted run (bf16 autocast, a loader worker, figures on).
+class Preempted(Exception):
+    pass
+
+
+def preempt_after_saves(monkeypatch, n):
+    """engine.save_training_state as is, but the process 'dies' right after its n-th checkpoint."""
+    real = engine.save_training_state
+    saves = []
+
+    def save(*args, **kwargs):
+        real(*args, **kwargs)
+        saves.append(kwargs.get('step'))
+        if len(saves) == n:
+            raise Preempted
+    monkeypatch.setattr(engine, 'save_training_state', save)
+
+
+def test_preempted_run_resumes_exactly(files, tmp_path, monkeypatch, capsys):
+    """Killed mid-epoch, resumed: bit-identical to an uninterrupted run (bf16 autocast, a loader worker, figures on).
     Also from a truncated checkpoint-last (falls back to -prev). The broken image is skipped and counted."""
-    common = ['--num-workers', 1, '--save-every-steps', 1, '--vis-every', 1]
+    common = ['--num-workers', 1, '--save-every-steps', 1, '--vis-every', 1, '--amp', 'bf16']
     a = ok(run(tiny(files, tmp_path / 'a', *common), tmp_path))
     assert 'no --data' not in a.stdout
     log = read_log(tmp_path / 'a')
@@ -77,21 +94,25 @@ def test_preempted_run_resumes_exactly(files, tmp_path):
     assert all(np.isfinite([r['gen_loss'], r['enh_loss'], r['grad_norm']]).all() for r in log)
     assert "skipping unreadable image" in a.stderr and 'z_broken.jpg' in a.stderr
     assert {f'epoch00{e}_fig{k}.png' for e in (1, 2) for k in (2, 3)} <= set(os.listdir(tmp_path / 'a'))
+    assert a.stdout.count('epoch 1 done') == 1 and 'epoch 2 done (8/8 steps)' in a.stdout
 
-    b = ok(run(tiny(files, tmp_path / 'b', *common, '--stop-after-steps', 6), tmp_path))
-    assert 'stopped after step 6' in b.stdout and model_state(tmp_path / 'b' / engine.CHECKPOINT)['step_in_epoch'] == 2
+    with monkeypatch.context() as m:
+        preempt_after_saves(m, 6)
+        with pytest.raises(Preempted):
+            train.main([str(x) for x in tiny(files, tmp_path / 'b', *common)])
+    assert model_state(tmp_path / 'b' / engine.CHECKPOINT)['step'] == 6
     shutil.copytree(tmp_path / 'b', tmp_path / 'c')
     b = ok(run(tiny(files, tmp_path / 'b', *common), tmp_path))
-    assert "resumed from" in b.stdout and 'epoch 1, step 2' in b.stdout
+    assert "resumed from" in b.stdout and 'at step 6' in b.stdout
     last = tmp_path / 'c' / engine.CHECKPOINT
     last.write_bytes(last.read_bytes()[:len(last.read_bytes()) // 2])      # preempted while writing
     c = ok(run(tiny(files, tmp_path / 'c', *common), tmp_path))
-    assert 'unreadable' in c.stderr and 'epoch 1, step 1' in c.stdout      # checkpoint-prev: one step earlier
+    assert 'truncated' in c.stderr and 'at step 5' in c.stdout              # checkpoint-prev: one step earlier
 
     want = model_state(tmp_path / 'a' / engine.CHECKPOINT)
     for out in ('b', 'c'):
         got = model_state(tmp_path / out / engine.CHECKPOINT)
-        assert got['global_step'] == want['global_step'] == 8
+        assert got['step'] == want['step'] == 8
         for k, v in want['model'].items():
             assert torch.equal(v, got['model'][k]), (out, k)
         for k, v in want['optimizer']['state'].items():
@@ -128,22 +149,23 @@ def test_export_loads_into_torchvision_resnet50_and_timm_vit(files, tmp_path):
     """resnet50 (REVDET, fp16 autocast + loss scaling, channels_last): one step, export, torchvision loads it with
     only fc.* missing. ViT-S/16 at 224: export matches timm's vit_small_patch16_224 names/shapes minus head.*."""
     r = ok(run(tiny(files, tmp_path / 'r50', '--arch', 'resnet50', '--task', 'revdet', '--amp', 'fp16',
-                    '--batch-size', 2, '--stop-after-steps', 1, img_size=32), tmp_path))
+                    '--batch-size', 2, '--max-steps', 1, img_size=32), tmp_path))
     ckpt = model_state(tmp_path / 'r50' / engine.CHECKPOINT)
-    assert ckpt['scaler']['scale'] in (2.0 ** 16, 2.0 ** 15)
+    assert ckpt['step'] == 1 and ckpt['scaler']['scale'] in (2.0 ** 16, 2.0 ** 15)
+    assert 'det_acc' in r.stdout and 'majority' in r.stdout and 'label entropy' in r.stdout
+    assert {'det_acc', 'majority_acc', 'label_entropy'} <= set(read_log(tmp_path / 'r50')[-1])
     ok(run(['--export', tmp_path / 'r50' / engine.CHECKPOINT, '--to', tmp_path / 'r50.pth'], tmp_path))
     sd = torch.load(tmp_path / 'r50.pth', weights_only=True)
     net = torchvision.models.resnet50()
     missing, unexpected = net.load_state_dict(sd, strict=False)
     assert sorted(missing) == ['fc.bias', 'fc.weight'] and not unexpected
     assert torch.equal(net.layer4[2].conv3.weight, ckpt['model']['enhancer.layer4.2.conv3.weight'])
-    assert 'stopped after step 1' in r.stdout
 
     torch.manual_seed(0)
     model = cim.CIM(tiny_tokenizer(64, 8, 3), 'vit_small', 'respix', 224, 16)
-    args = dict(vars(train.get_args_parser().parse_args([])), arch='vit_small')
-    engine.save_checkpoint(dict(model={k: v for k, v in model.state_dict().items() if not k.startswith('tokenizer.')},
-                                args=args, epoch=300), str(tmp_path))
+    args = dict(vars(train.get_args_parser().parse_args([])), arch='vit_small', img_size=224, patch_size=16)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith('tokenizer.')}
+    engine.atomic_save(dict(model=state, args=args, step=300), str(tmp_path / engine.CHECKPOINT))
     train.export(str(tmp_path / engine.CHECKPOINT), str(tmp_path / 'vits.pth'))
     sd = torch.load(tmp_path / 'vits.pth', weights_only=True)
     with open(os.path.join(FIXTURES, 'timm_vit_small_patch16_224.txt')) as f:  # timm.create_model(...).state_dict()
@@ -154,15 +176,57 @@ def test_export_loads_into_torchvision_resnet50_and_timm_vit(files, tmp_path):
 
 
 def test_demo_smoke(tmp_path):
-    """`python train.py` with no --data at minimum size: tokenizer, pre-training, checkpoint, log, PNGs, kNN."""
-    r = ok(run(['--demo-images', 64, '--demo-tokenizer-steps', 5, '--epochs', 1, '--batch-size', 16,
-                '--output-dir', tmp_path / 'demo'], tmp_path))
+    """`python train.py` with no --data at minimum size (the tokenizer trained for 5 steps by the demo's own
+    function first): pre-training, checkpoint, log, PNGs, kNN and probe against random init."""
+    out = tmp_path / 'demo'
+    train.demo_tokenizer(str(out / 'tokenizer.pt'), 5, 0, torch.device('cpu'))
+    assert dvae.load_tokenizer(str(out / 'tokenizer.pt')).downsample == 4
+    r = ok(run(['--subset', 64, '--epochs', 1, '--batch-size', 16, '--output-dir', out], tmp_path))
     assert 'no --data: running the built-in demo on Fashion-MNIST' in r.stdout
-    assert '--arch vit_tiny' in r.stdout and '--patch-size 4' in r.stdout  # the demo-scale overrides are printed
+    assert '--arch vit_tiny' in r.stdout and '--patch-size 4' in r.stdout  # the demo-scale values taken
+    assert '--subset' not in r.stdout.splitlines()[0] and '64 images' in r.stdout  # explicit flags win
     assert 'kNN top-1' in r.stdout and 'linear probe' in r.stdout and 'pre-trained vs random init' in r.stdout
-    files = set(os.listdir(tmp_path / 'demo'))
+    assert 'training the demo tokenizer' not in r.stdout                   # reused
+    files = set(os.listdir(out))
     assert {'tokenizer.pt', engine.CHECKPOINT, 'log.jsonl', 'epoch001_fig2.png', 'epoch001_fig3.png'} <= files
-    assert dvae.load_tokenizer(str(tmp_path / 'demo' / 'tokenizer.pt')).downsample == 4
+
+
+def test_the_one_override_rule_and_help_prints_the_recipes():
+    """An unset flag takes the recipe's value; an explicit one always wins, also when it equals the paper's
+    default (the old rule replaced an explicit --epochs 300 in the demo)."""
+    args = train.get_args_parser().parse_args(['--epochs', '300', '--arch', 'vit_small'])
+    taken = engine.apply_recipe(args, train.DEMO)
+    assert args.epochs == 300 and args.arch == 'vit_small' and 'epochs' not in taken
+    assert args.batch_size == 64 and args.img_size == 32 and taken['subset'] == 3200
+    args = train.get_args_parser().parse_args(['--data', 'x'])
+    engine.apply_recipe(args, train.PAPER)
+    assert (args.arch, args.img_size, args.epochs, args.batch_size, args.subset) == ('vit_base', 224, 300, 256, None)
+    text = train.get_args_parser().format_help()
+    assert '--epochs 300' in text and '--blr 0.0015' in text and '--subset 3200' in text
+    assert '--demo-images' not in text and '--stop-after-steps' not in text   # no test-only knobs
+
+
+def test_bounded_run_subset_and_max_steps(files, tmp_path):
+    """--subset 8 of the 16 images (batch 4: 2 steps per epoch) and --max-steps 5: five optimizer steps over three
+    epochs, the warmup keeping its share (1 of 2 epochs = half of the 5 steps, rounded). REVDET's log lines put
+    the detection accuracy and BCE next to what guessing gives."""
+    r = ok(run(tiny(files, tmp_path / 'b', '--subset', 8, '--max-steps', 5, '--lr', 1e-3, '--task', 'revdet'),
+               tmp_path))
+    assert '8 images, 2 steps/epoch, 5 steps' in r.stdout
+    log = read_log(tmp_path / 'b')
+    assert [x['step'] for x in log] == [1, 2, 3, 4, 5] and log[-1]['epoch'] == 2.5
+    assert max(x['lr'] for x in log) == log[1]['lr']                        # warmup: 2 of 5 steps, then decay
+    assert model_state(tmp_path / 'b' / engine.CHECKPOINT)['step'] == 5
+    for rec in log:
+        p = rec['replaced_frac']
+        assert rec['majority_acc'] == pytest.approx(max(p, 1 - p), abs=0.02)   # means over micro-steps
+        assert rec['label_entropy'] == pytest.approx(-(p * np.log(p) + (1 - p) * np.log(1 - p)), abs=0.02)
+    assert 'det_acc' in r.stdout and 'vs majority' in r.stdout and 'vs label entropy' in r.stdout
+
+
+def test_figure_rows_are_spread_over_the_classes():
+    assert train.spread_over_classes([0, 0, 0, 1, 1, 2], 4) == [0, 3, 5, 1]
+    assert train.spread_over_classes([0] * 10, 3) == [0, 1, 2]             # a flat folder: the first images
 
 
 def test_non_finite_losses_stop_the_run(files, tmp_path):
@@ -184,11 +248,13 @@ def _bad_input_cases(files, tmp):
     (tmp / 'dalle').mkdir()
     for name, arch, vocab in (('other_arch', 'resnet50', 64), ('other_tok', 'vit_tiny', 32)):
         (tmp / name).mkdir()
-        args = vars(train.get_args_parser().parse_args(
-            [str(x) for x in tiny(files, tmp / name)]))
-        engine.save_checkpoint(dict(model={}, args={**args, 'arch': arch, 'world_size': 1}, optimizer={}, scaler={},
-                                    rng=[], log={}, tokenizer=dict(vocab_size=vocab, downsample=4), epoch=0), str(tmp / name))
-    t = lambda *extra: tiny(files, tmp / 'out', *extra)  # noqa: E731
+        args = vars(train.get_args_parser().parse_args([str(x) for x in tiny(files, tmp / name)]))
+        engine.atomic_save(dict(model={}, args={**args, 'arch': arch, 'world_size': 1}, optimizer={}, scaler={},
+                                rng=[], log={}, tokenizer=dict(vocab_size=vocab, downsample=4), step=0),
+                           str(tmp / name / engine.CHECKPOINT))
+
+    def t(*extra):
+        return tiny(files, tmp / 'out', *extra)
     return {
         'unknown arch': (t('--arch', 'vit_huge'), "argument --arch: invalid choice: 'vit_huge'"),
         'unknown task': (t('--task', 'inpaint'), "argument --task: invalid choice"),
@@ -199,7 +265,11 @@ def _bad_input_cases(files, tmp):
         'mixed data layout': (t('--data', tmp / 'mixed'), "mixes image files and class folders"),
         'img size vs patch size': (t('--img-size', 30), "not divisible by --patch-size"),
         'resnet50 grid vs patch size': (t('--arch', 'resnet50', '--img-size', 96, '--patch-size', 12),
-                                        "patch size dividing 32"),
+                                        "--patch-size dividing 32"),
+        'subset 0': (t('--subset', 0), '--subset must be >= 1'),
+        'max steps 0': (t('--max-steps', 0), '--max-steps must be >= 1'),
+        'mask ratio': (t('--mask-ratio', 0.9, 1.0), '--mask-ratio: mask ratio'),
+        'no tokenizer with data': (t()[:2] + t()[4:], '--tokenizer is required with --data'),
         'batch larger than the data': (t('--batch-size', 32), "no optimizer step"),
         'generator width with sharing': (t('--gen-width', 96), "--no-share"),
         'resume another arch': (tiny(files, tmp / 'other_arch'), "--arch resnet50 (now vit_tiny)"),
@@ -228,7 +298,8 @@ def bad_input_results(files, tmp_path_factory):
 BAD_INPUTS = ['unknown arch', 'unknown task', 'missing tokenizer', 'tokenizer not a checkpoint',
               'DALL-E folder without pkl files', 'empty data folder', 'mixed data layout', 'img size vs patch size',
               'resnet50 grid vs patch size', 'batch larger than the data', 'generator width with sharing',
-              'resume another arch', 'resume another tokenizer', 'export without --to']
+              'resume another arch', 'resume another tokenizer', 'export without --to', 'subset 0', 'max steps 0',
+              'mask ratio', 'no tokenizer with data']
 
 
 @pytest.mark.parametrize('case', BAD_INPUTS)
@@ -237,3 +308,15 @@ def test_bad_input_is_one_clear_line(bad_input_results, case):
     assert code == 2, (code, stderr[-3000:])
     assert 'Traceback' not in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert stderr.startswith('error: ') and expected in stderr, stderr
+
+
+def test_a_junk_tokenizer_is_one_short_line_and_nothing_is_written(files, tmp_path):
+    """A file that is not a tokenizer: under 200 characters beside its path, no unsafe weights_only advice, and
+    no output folder left behind (inputs are checked before anything is written)."""
+    (tmp_path / 'junk.pth').write_bytes(b'PK\x03\x04 not really a zip')
+    r = run(tiny(files, tmp_path / 'out', '--tokenizer', tmp_path / 'junk.pth'), tmp_path)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and err.startswith('error: '), err
+    assert len(err) - len(str(tmp_path / 'junk.pth')) < 200 and 'weights_only' not in err
+    r = run(tiny(files, tmp_path / 'out', '--tokenizer', tmp_path / 'missing.pt'), tmp_path)
+    assert r.returncode == 2 and not os.path.exists(tmp_path / 'out')
