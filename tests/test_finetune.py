@@ -24,7 +24,7 @@ def tiny_vit(depth=3, embed_dim=8, img_size=8, patch_size=4, num_classes=5):
                                  num_classes=num_classes)
 
 
-# -- layer-wise lr decay, schedules ------------------------------------------------------------------------------------
+# -- layer-wise lr decay -----------------------------------------------------------------------------------------------
 
 def test_layer_decay_lr_scale_and_weight_decay_per_parameter():
     model = tiny_vit(depth=3)
@@ -44,7 +44,8 @@ def test_layer_decay_lr_scale_and_weight_decay_per_parameter():
         assert scale == pytest.approx(0.8 ** e[0], rel=1e-12), name
         assert wd == (0.05 if name in decayed else 0.0), name
     opt = torch.optim.AdamW(groups, lr=1.0)
-    engine.set_lr(opt, 2e-3)
+    for g in opt.param_groups:                                            # as finetune.main sets each step's lr
+        g['lr'] = 2e-3 * g['lr_scale']
     lr_of = {id(p): g['lr'] for g in opt.param_groups for p in g['params']}
     assert lr_of[id(model.cls_token)] == pytest.approx(2e-3 * 0.8 ** 4)
     assert lr_of[id(model.blocks[1].mlp.fc1.weight)] == pytest.approx(2e-3 * 0.8 ** 2)
@@ -53,13 +54,6 @@ def test_layer_decay_lr_scale_and_weight_decay_per_parameter():
     assert engine.vit_layer_id('backbone.blocks.10.mlp.fc1.weight', 12, 'backbone.') == 11
     assert engine.vit_layer_id('backbone.pos_embed', 12, 'backbone.') == 0
     assert engine.vit_layer_id('decode_head.conv.weight', 12, 'backbone.') == 13
-
-
-def test_poly_lr_matches_mmseg_formula():
-    assert engine.poly_lr(0, 100, 0.01, 0.9, 1e-4) == pytest.approx(0.01)
-    assert engine.poly_lr(50, 100, 0.01, 0.9, 1e-4) == pytest.approx(1e-4 + (0.01 - 1e-4) * 0.5 ** 0.9)
-    assert engine.poly_lr(100, 100, 0.01, 0.9, 1e-4) == pytest.approx(1e-4)
-    assert engine.poly_lr(4, 100, 0.01, 0.9, 0.0, warmup_steps=10) == pytest.approx(0.01 * 0.96 ** 0.9 * 0.5)
 
 
 # -- targets and losses ------------------------------------------------------------------------------------------------
@@ -184,11 +178,13 @@ def test_shard_sampler_and_evaluate_count_every_image_once():
 
 # -- stochastic depth ------------------------------------------------------------------------------------------------
 
-def test_stochastic_depth_drops_residual_branches_and_keeps_names():
-    model = tiny_vit(depth=2)
-    names = list(model.state_dict())
-    engine.add_stochastic_depth(model, 1.0)   # block 0: p = 0, block 1: p = 1 (its branches always dropped)
-    assert list(model.state_dict()) == names
+def test_stochastic_depth_drops_residual_branches_and_keeps_names(micro):
+    """ViT: cim.Block's drop_path from build_classifier(drop_path); ResNet: engine.add_stochastic_depth's hooks."""
+    torch.manual_seed(0)
+    model = ft.build_classifier('vit_tiny', 5, 8, 4, drop_path=1.0)   # block 0: p = 0, block 1: p = 1 (dropped)
+    plain = ft.build_classifier('vit_tiny', 5, 8, 4)
+    assert list(model.state_dict()) == list(plain.state_dict())            # parameter-free: timm's names kept
+    plain.load_state_dict(model.state_dict())
     x = torch.randn(3, 3, 8, 8)
     model.train()
     b0 = model.blocks[0]
@@ -198,8 +194,7 @@ def test_stochastic_depth_drops_residual_branches_and_keeps_names():
     t = t + b0.mlp(b0.norm2(t))                                            # block 1 is the identity
     assert torch.allclose(model(x), model.head(model.norm(t)[:, 1:].mean(1)), atol=1e-6)
     model.eval()
-    plain = tiny_vit(depth=2).eval()
-    assert torch.allclose(model(x), plain(x))                             # eval: nothing dropped
+    assert torch.allclose(model(x), plain.eval()(x))                      # eval: nothing dropped
 
     net = torchvision.models.resnet18()                                    # BasicBlocks; resnet50 uses bn3
     names = list(net.state_dict())
@@ -210,6 +205,8 @@ def test_stochastic_depth_drops_residual_branches_and_keeps_names():
     net.train()(torch.randn(2, 3, 64, 64))
     assert torch.allclose(seen['y'], F.relu(seen['x']))                    # last block: shortcut only
     assert not hasattr(net.layer1[0], 'drop_path')                         # first block: p = 0
+    r50 = ft.build_classifier('resnet50', 5, drop_path=0.05)               # finetune's ResNet gets the hooks
+    assert r50.layer4[-1].drop_path.p == pytest.approx(0.05) and not hasattr(r50.layer1[0], 'drop_path')
 
 
 # -- loading pre-trained weights ------------------------------------------------------------------------------------
@@ -276,7 +273,7 @@ def test_load_mismatches_are_clear_errors(tmp_path):
     for name in ('list.pth', 'junk.pth'):
         with pytest.raises(ValueError):
             engine.read_weights(str(tmp_path / name))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(engine.UserError, match='does not exist'):
         engine.read_weights(str(tmp_path / 'missing.pth'))
 
 
@@ -316,31 +313,107 @@ def micro(monkeypatch, tmp_path):
     return save
 
 
-TOY = ['--input-size', '16', '--test-size', '16', '--patch-size', '4', '--batch-size', '8', '--warmup-epochs', '1',
+TOY = ['--img-size', '16', '--test-img-size', '16', '--patch-size', '4', '--batch-size', '8', '--warmup-epochs', '1',
        '--num-workers', '0', '--log-every', '2']
 
 
-def test_finetune_end_to_end_learns_toy_set_and_resumes_exactly(toy, micro, tmp_path):
+def read_log(out):
+    return [json.loads(x) for x in open(os.path.join(out, 'log.jsonl'))]
+
+
+class Preempted(Exception):
+    pass
+
+
+def preempt_after_saves(monkeypatch, n):
+    """engine.save_training_state, the real one, then a Preempted exception right after its n-th call."""
+    real = engine.save_training_state
+    steps = []
+
+    def save(*args, **kwargs):
+        real(*args, **kwargs)
+        steps.append(kwargs['step'])
+        if len(steps) == n:
+            raise Preempted(f"preempted after saving step {kwargs['step']}")
+    monkeypatch.setattr(engine, 'save_training_state', save)
+    return steps
+
+
+def test_finetune_end_to_end_learns_toy_set_and_resumes_exactly(toy, micro, tmp_path, monkeypatch, capsys):
     init = micro('vit_tiny')
-    argv = ['--data', toy, '--arch', 'vit_tiny', '--init', init, '--epochs', '3', '--lr', '2e-3'] + TOY
+    argv = ['--data', toy, '--arch', 'vit_tiny', '--init', init, '--epochs', '3', '--lr', '2e-3',
+            '--save-every-steps', '2'] + TOY
     res = ft.main(argv + ['--output-dir', str(tmp_path / 'a')])  # default recipe: mixup, cutmix, RandAugment, ...
     assert res['acc1'] >= 90 and res['n_val'] == 16
-    lines = [json.loads(x) for x in open(tmp_path / 'a' / 'log.jsonl')]
+    lines = read_log(tmp_path / 'a')
     assert [x['epoch'] for x in lines if 'acc1' in x] == [1, 2, 3]
+    assert [x['step'] for x in lines if 'loss' in x] == list(range(2, 19, 2))  # 6 steps per epoch, logged every 2
     best = torch.load(tmp_path / 'a' / 'checkpoint-best.pth', weights_only=True)
     assert best['acc1'] == res['best_acc1'] and best['epoch'] == res['best_epoch']
-    # exact resume: stopped after 4 steps (mid-epoch: 6 steps per epoch), rerun, same parameters as uninterrupted
-    assert ft.main(argv + ['--output-dir', str(tmp_path / 'b'), '--stop-after-steps', '4']) is None
+    out = capsys.readouterr().out
+    assert 'epoch 2/3: val top-1' in out and 'img/s' in out and '\r' not in out  # per-epoch summary, no bar
+    # exact resume: preempted after the save at step 4 (mid-epoch: 6 steps per epoch), rerun, same parameters
+    with monkeypatch.context() as m:
+        saved = preempt_after_saves(m, 2)
+        with pytest.raises(Preempted):
+            ft.main(argv + ['--output-dir', str(tmp_path / 'b')])
+    assert saved == [2, 4] and torch.load(tmp_path / 'b' / engine.CHECKPOINT, weights_only=True)['step'] == 4
     res2 = ft.main(argv + ['--output-dir', str(tmp_path / 'b')])
+    assert "at step 4" in capsys.readouterr().out
     a, b = (torch.load(tmp_path / d / engine.CHECKPOINT, weights_only=True)['model'] for d in 'ab')
     assert all(torch.equal(a[k], b[k]) for k in a) and res2['acc1'] == res['acc1']
+    assert not torch.equal(a['blocks.0.mlp.fc1.weight'], torch.load(init, weights_only=True)['blocks.0.mlp.fc1.weight'])
+
+
+def test_subset_and_max_steps(toy, micro, tmp_path, capsys):
+    """--subset 24 of the 48 training images at batch 8: 3 steps per epoch; --max-steps 5 ends mid-epoch 2, with a
+    validation there; the warmup keeps its share (1 of 3 epochs: round(5 / 3) = 2 steps)."""
+    res = ft.main(['--data', toy, '--arch', 'vit_tiny', '--init', micro('vit_tiny'), '--epochs', '3', '--subset', '24',
+                   '--max-steps', '5', '--lr', '1e-3', '--output-dir', str(tmp_path)] + TOY)
+    assert '24 training / 16 val images' in capsys.readouterr().out
+    log = read_log(tmp_path)
+    assert [x['step'] for x in log if 'loss' in x] == [2, 3, 4, 5]
+    assert [(x['epoch'], x['step']) for x in log if 'acc1' in x] == [(1, 3), (2, 5)]
+    assert [x['lr'] for x in log if 'loss' in x][0] == pytest.approx(1e-3)  # step 2: the last warmup step
+    ckpt = torch.load(tmp_path / engine.CHECKPOINT, weights_only=True)
+    assert ckpt['step'] == 5 and ckpt['args']['subset'] == 24 and res['epoch'] == 2
+
+
+def test_override_rule_unset_takes_recipe_explicit_always_wins():
+    parse = ft.get_args_parser().parse_args
+    # with --data: unset flags take the recipe (ViT-B REVDET: Table 10's 5e-3), explicit ones win, even when equal
+    args = parse(['--data', 'd', '--blr', '3e-3', '--epochs', '100'])
+    taken = ft.settle_args(args, False, dict(arch='vit_base', task='revdet'))
+    assert (args.arch, args.blr, args.epochs, args.weight_decay, args.img_size) == ('vit_base', 3e-3, 100, 0.05, 224)
+    assert 'blr' not in taken and 'epochs' not in taken and taken['arch'] == 'vit_base' and taken['layer_decay'] == 0.8
+    args = parse(['--data', 'd', '--arch', 'resnet50', '--recipe', '100', '--test-img-size', '160'])
+    ft.settle_args(args, False, {})
+    assert (args.img_size, args.test_img_size, args.loss, args.repeated_aug) == (160, 160, 'bce', 1)
+    # the demo: the checkpoint's model, then the demo's values, then the recipe; explicit flags equal to the
+    # recipe's (patch 16, 100 epochs, batch 128) still beat the checkpoint's and the demo's
+    meta = dict(arch='vit_small', img_size=32, patch_size=4, task='respix')
+    args = parse(['--patch-size', '16', '--epochs', '100', '--batch-size', '128'])
+    taken = ft.settle_args(args, True, meta)
+    assert (args.patch_size, args.epochs, args.batch_size) == (16, 100, 128)
+    assert (args.arch, args.img_size, args.test_img_size) == ('vit_small', 32, 32)               # checkpoint
+    assert (args.lr, args.subset, args.mixup, args.randaug, args.warmup_epochs) == (3e-3, 4000, 0.0, 0, 0)  # demo
+    assert (args.blr, args.weight_decay, args.smoothing, args.drop_path) == (3e-3, 0.05, 0.1, 0.1)  # Table 10
+    assert not {'patch_size', 'epochs', 'batch_size'} & set(taken) and taken['lr'] == 3e-3
+    args = parse(['--linear-probe'])
+    ft.settle_args(args, True, meta)
+    assert (args.lr, args.epochs, args.loss) == (ft.DEMO_PROBE['lr'], 3, 'ce')
+    # --knn: only what kNN reads is set (and shown)
+    args = parse(['--knn'])
+    taken = ft.settle_args(args, True, meta)
+    assert set(taken) <= set(ft.KNN_SETTINGS) and taken['subset'] == 4000 and taken['test_img_size'] == 32
+    assert args.epochs is None and args.lr is None and args.knn_k == 20
 
 
 def test_resnet_recipe_bce_repeated_aug_stochastic_depth_runs(toy, micro, tmp_path):
     # --clip-grad 5 also covers the clipped path (the recipe itself has no clipping)
     res = ft.main(['--data', toy, '--arch', 'resnet50', '--recipe', '600', '--init', micro('resnet50'),
-                   '--epochs', '2', '--clip-grad', '5', '--lr', '1e-3', '--output-dir', str(tmp_path)] + TOY[4:] +
-                  ['--input-size', '32', '--test-size', '32'])
+                   '--epochs', '2', '--clip-grad', '5', '--lr', '1e-3', '--amp', 'none', '--output-dir',
+                   str(tmp_path)] + TOY[4:] + ['--img-size', '32', '--test-img-size', '32'])
     assert res['n_val'] == 16 and res['acc1'] >= 50
     args = torch.load(tmp_path / engine.CHECKPOINT, weights_only=True)['args']
     assert (args['loss'], args['repeated_aug'], args['drop_path'], args['mixup']) == ('bce', 3, 0.05, 0.2)
@@ -353,16 +426,94 @@ def test_linear_probe_keeps_backbone_frozen_and_knn_mode(toy, micro, tmp_path):
     assert probe['acc1'] >= 90
     state = torch.load(tmp_path / 'probe' / engine.CHECKPOINT, weights_only=True)['model']
     backbone = torch.load(init, weights_only=True)
-    assert all(torch.equal(state['backbone.' + k], v) for k, v in backbone.items())   # frozen, BN stats too
+    assert all(torch.equal(state['backbone.' + k], v) for k, v in backbone.items())   # frozen (a ViT: no BN)
     assert 'head.0.weight' not in state and 'head.0.running_mean' in state            # BatchNorm without affine
     knn = ft.main(['--data', toy, '--arch', 'vit_tiny', '--init', init, '--knn', '--output-dir',
                    str(tmp_path / 'knn')] + TOY)
     assert knn['knn_acc1'] >= 90
 
 
-# -- bad input: one line, exit status 2, no traceback ------------------------------------------------------------------
+def test_random_init_knn_and_probe(toy, micro, tmp_path, capsys):
+    """--init none: the random-init baselines of kNN and the linear probe run and report an accuracy; ResNet-50's
+    frozen features get BN statistics of the clean training images first (the probe: saved with the backbone)."""
+    knn = ft.main(['--data', toy, '--arch', 'vit_tiny', '--init', 'none', '--knn', '--output-dir',
+                   str(tmp_path / 'knn')] + TOY)
+    assert 0 <= knn['knn_acc1'] <= 100
+    recipe = [x for x in capsys.readouterr().out.splitlines() if x.startswith('recipe:')]
+    assert recipe == ['recipe: --knn-k 20 --knn-t 0.07 --crop-ratio 0.875']              # kNN's settings only
+    probe = ft.main(['--data', toy, '--arch', 'resnet50', '--init', 'none', '--linear-probe', '--epochs', '1',
+                     '--lr', '0.1', '--output-dir', str(tmp_path / 'probe')] + TOY[4:] +
+                    ['--img-size', '16', '--test-img-size', '16'])
+    assert 0 <= probe['acc1'] <= 100 and probe['epoch'] == 1
+    assert 'BN statistics of the frozen backbone re-estimated' in capsys.readouterr().out
+    state = torch.load(tmp_path / 'probe' / engine.CHECKPOINT, weights_only=True)['model']
+    torch.manual_seed(0)                                                                # --seed 0: the same init
+    fresh = cim.build_enhancer('resnet50').state_dict()
+    assert torch.equal(state['backbone.layer1.0.conv1.weight'], fresh['layer1.0.conv1.weight'])   # frozen
+    assert not torch.equal(state['backbone.bn1.running_mean'], fresh['bn1.running_mean'])        # re-estimated
 
-def test_bad_inputs_give_one_line_errors(toy, tmp_path):
+
+def test_knn_reestimates_resnet_bn_statistics_on_clean_training_images(toy, micro, tmp_path, monkeypatch):
+    """The BN protocol: before kNN's features, bn1's running mean becomes conv1's mean response over the clean
+    (evaluation-view) training images, replacing the stored one."""
+    init = micro('resnet50')
+    nets = []
+    real = engine.recompute_bn_stats
+
+    def spy(model, *args, **kwargs):
+        nets.append(model)
+        return real(model, *args, **kwargs)
+    monkeypatch.setattr(engine, 'recompute_bn_stats', spy)
+    res = ft.main(['--data', toy, '--arch', 'resnet50', '--init', init, '--knn', '--amp', 'none', '--crop-ratio', '1',
+                   '--output-dir', str(tmp_path)] + TOY)
+    assert 0 <= res['knn_acc1'] <= 100 and len(nets) == 1
+    stored = torch.load(init, weights_only=True)
+    tf = ft.eval_transform(16, 1.0)
+    train = [os.path.join(d, f) for d, _, files in os.walk(os.path.join(toy, 'train')) for f in files]
+    imgs = torch.stack([tf(Image.open(p).convert('RGB')) for p in train])                 # [48, 3, 16, 16]
+    want = F.conv2d(imgs, stored['conv1.weight'], stride=2, padding=3).mean((0, 2, 3))   # 6 equal batches of 8
+    assert not torch.allclose(stored['bn1.running_mean'], want, atol=1e-3)
+    assert torch.allclose(nets[0].bn1.running_mean, want, atol=1e-5)
+
+
+def test_demo_finetunes_the_pretrained_checkpoint_and_random_init(micro, tmp_path, monkeypatch, capsys):
+    """`python train.py && python finetune.py` with a stand-in for train.py's demo checkpoint (the tiny ViT, 32 px,
+    patch 4) and the fake Fashion-MNIST of conftest.py (400 / 200 images): both runs, the demo's settings."""
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(1)
+    enhancer = cim.build_enhancer('vit_tiny', 32, 4).state_dict()
+    os.makedirs(os.path.join('out', 'demo'))
+    torch.save(dict(model={'enhancer.' + k: v for k, v in enhancer.items()},
+                    args=dict(arch='vit_tiny', img_size=32, patch_size=4, task='respix')), engine.DEMO_CHECKPOINT)
+    res = ft.main(['--subset', '128', '--amp', 'none'])  # CPU bf16 is slow
+    assert set(res) == {'pre-trained', 'random init'}
+    out = capsys.readouterr().out
+    assert 'no --data' in out and 'Fashion-MNIST test top-1, vit_tiny, 3 epochs on 128 training images' in out
+    for name, sub in (('pre-trained', 'pretrained'), ('random init', 'scratch')):
+        assert res[name]['n_val'] == 200 and res[name]['epoch'] == 3
+        assert f"{name} {res[name]['acc1']:.2f}%" in out
+        ckpt = torch.load(os.path.join('out', 'demo_ft', sub, engine.CHECKPOINT), weights_only=True)
+        a = ckpt['args']
+        assert (a['arch'], a['img_size'], a['patch_size'], a['epochs'], a['batch_size'], a['lr']) == \
+            ('vit_tiny', 32, 4, 3, 64, 3e-3)
+        assert (a['mixup'], a['cutmix'], a['randaug'], a['subset'], ckpt['step']) == (0.0, 0.0, 0, 128, 6)
+
+
+def test_junk_init_file_gives_a_short_line_and_writes_nothing(toy, tmp_path):
+    junk = tmp_path / 'junk.pth'
+    junk.write_bytes(b'not a checkpoint at all')
+    out = tmp_path / 'out'
+    with pytest.raises(engine.UserError) as e:
+        ft.main(['--data', toy, '--init', str(junk), '--output-dir', str(out)] + TOY)
+    msg = str(e.value)
+    assert str(junk) in msg and len(msg) < 200 + len(str(junk)) and '\n' not in msg and 'weights_only' not in msg
+    assert not out.exists()
+
+
+# -- bad input: one line, exit status 2, no traceback; nothing written ------------------------------------------------
+
+def test_bad_inputs_give_one_line_errors(toy, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     data = toy
     flat_val = make_toy_data(tmp_path / 'flat', n_train=2, n_val=2, flat_val=True)
     torch.save({'conv1.weight': torch.zeros(64, 3, 7, 7), 'layer1.0.conv1.weight': torch.zeros(64, 64, 1, 1)},
@@ -374,12 +525,17 @@ def test_bad_inputs_give_one_line_errors(toy, tmp_path):
                                                         '--arch', 'vit_tiny'],
         '--recipe selects a Table 11 column': ['--data', data, '--init', 'none', '--recipe', '100'],
         'holds images but no class folders': ['--data', flat_val, '--init', 'none'],
+        '--knn and --linear-probe are separate modes': ['--data', data, '--init', 'none', '--knn', '--linear-probe'],
+        '--warmup-epochs 5 must be between 0 and --epochs 2': ['--data', data, '--init', 'none', '--epochs', '2',
+                                                               '--warmup-epochs', '5'],
     }
-    procs = {msg: subprocess.Popen([sys.executable, os.path.join(ROOT, 'finetune.py')] + argv + TOY, cwd=tmp_path,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for msg, argv in cases.items()}
-    for msg, p in procs.items():
-        _, err = p.communicate(timeout=120)
-        assert p.returncode == 2, (msg, err)
-        lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith('error: ') and msg in lines[0], (msg, err)
+    for msg, argv in cases.items():
+        with pytest.raises(engine.UserError) as e:
+            ft.main(TOY + argv)
+        assert msg in str(e.value) and '\n' not in str(e.value), (msg, str(e.value))
+    assert not (tmp_path / 'out').exists()                               # inputs are checked before any folder
+    # as the command line shows them (engine.run_cli): one line on stderr, exit status 2, no traceback
+    argv = TOY + cases['holds images but no class folders']
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'finetune.py')] + argv, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith('error: ') and len(p.stderr.strip().splitlines()) == 1, p.stderr
