@@ -3,6 +3,7 @@ sliding windows, and tiny end-to-end runs (train, evaluate, checkpoint, resume) 
 import colorsys
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -32,12 +33,18 @@ def make_ade(root, n_train=6, n_val=3, seed=0):
             h, w = rng.integers(36, 56, 2)
             lab = np.zeros((h, w), np.uint8)
             for _ in range(4):
-                y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+                y = rng.integers(0, h - 8)
+                x = rng.integers(0, w - 8)
                 lab[y:y + rng.integers(8, 20), x:x + rng.integers(8, 20)] = rng.integers(1, 151)
             img = np.stack([lab, 255 - lab, (lab.astype(np.int64) * 7) % 256], -1).astype(np.uint8)
             Image.fromarray(img).save(os.path.join(root, 'images', split, f'ADE_{split}_{i:08d}.jpg'))
             Image.fromarray(lab).save(os.path.join(root, 'annotations', split, f'ADE_{split}_{i:08d}.png'))
     return str(root)
+
+
+def as_is(img, mask):
+    """A joint transform that returns the pair unchanged."""
+    return img, mask
 
 
 @pytest.fixture(autouse=True)
@@ -59,8 +66,10 @@ def micro(monkeypatch, tmp_path):
     """Small stand-ins under the real names (as in test_finetune): 'vit_tiny' with 2 blocks of width 32, 'resnet50'
     with one Bottleneck per stage (same key names, 1024 / 2048 channels). -> save(arch, size, patch): weights file."""
     monkeypatch.setitem(cim.VIT_CONFIGS, 'vit_tiny', dict(embed_dim=32, depth=2, num_heads=2))
-    monkeypatch.setattr(torchvision.models, 'resnet50', lambda **kw: torchvision.models.resnet.ResNet(
-        torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], **kw))
+
+    def resnet50(**kwargs):
+        return torchvision.models.resnet.ResNet(torchvision.models.resnet.Bottleneck, [1, 1, 1, 1], **kwargs)
+    monkeypatch.setattr(torchvision.models, 'resnet50', resnet50)
 
     def save(arch, size=16, patch=8):
         torch.manual_seed(1)
@@ -90,7 +99,8 @@ def test_confusion_matrix_and_metrics_by_hand():
     assert np.isnan(m4['IoU'][3]) and m4['mIoU'] == pytest.approx(m['mIoU'])
     # brute force on random data with ignored pixels
     g = torch.Generator().manual_seed(0)
-    t, p = torch.randint(0, 6, (3, 17, 19), generator=g), torch.randint(0, 5, (3, 17, 19), generator=g)
+    t = torch.randint(0, 6, (3, 17, 19), generator=g)
+    p = torch.randint(0, 5, (3, 17, 19), generator=g)
     t[t == 5] = 255
     ref = np.zeros((5, 5), np.int64)
     for a, b in zip(t.flatten().tolist(), p.flatten().tolist()):
@@ -99,9 +109,20 @@ def test_confusion_matrix_and_metrics_by_hand():
     assert seg.confusion_matrix(p, t, 5).tolist() == ref.tolist()
 
 
+def test_poly_lr_matches_mmseg_formula():
+    lrs = seg.poly_schedule(0.01, 1e-4, 100, power=0.9)
+    assert len(lrs) == 100 and lrs[0] == pytest.approx(0.01)
+    assert lrs[50] == pytest.approx(1e-4 + (0.01 - 1e-4) * 0.5 ** 0.9)
+    assert lrs[99] == pytest.approx(1e-4 + (0.01 - 1e-4) * 0.01 ** 0.9) and min(lrs) > 1e-4   # 1e-4 at step 100
+    assert seg.poly_schedule(0.01, 0.0, 100, 10, 0.9)[4] == pytest.approx(0.01 * 0.96 ** 0.9 * 0.5)
+    warm = seg.poly_schedule(3e-4, 0.0, 20, 5, 1.0)                          # BEiT: linear warmup, then linear decay
+    assert warm[4] == pytest.approx(3e-4 * 0.8) and warm[:5] == sorted(warm[:5]) and warm[5:] == sorted(warm[5:])[::-1]
+
+
 def test_seg_loss_averages_over_all_pixels_as_mmseg():
     torch.manual_seed(0)
-    logits, target = torch.randn(2, 4, 3, 5), torch.randint(0, 4, (2, 3, 5))
+    logits = torch.randn(2, 4, 3, 5)
+    target = torch.randint(0, 4, (2, 3, 5))
     target[0, 0] = 255
     per_pixel = torch.nn.functional.cross_entropy(logits, target.clamp(max=3), reduction='none')
     expected = (per_pixel * (target != 255)).sum() / target.numel()
@@ -118,10 +139,10 @@ def test_reduce_zero_label_and_png_annotations_round_trip(tmp_path):
     name = os.listdir(os.path.join(root, 'annotations', 'training'))[0]
     Image.fromarray(labels).save(os.path.join(root, 'annotations', 'training', name))
     Image.new('RGB', (41, 37)).save(os.path.join(root, 'images', 'training', name.replace('.png', '.jpg')))
-    img, mask, n_bad = seg.ADE20K(root, 'training', lambda i, m: (i, m))[0]
+    img, mask, n_bad = seg.ADE20K(root, 'training', as_is)[0]
     assert isinstance(mask, tv_tensors.Mask) and mask.dtype == torch.uint8 and n_bad == 0
     assert mask.tolist() == seg.reduce_zero_label(labels).tolist() and img.shape == (3, 37, 41)
-    raw = seg.ADE20K(root, 'training', lambda i, m: (i, m), num_classes=151, reduce_zero=False)[0][1]
+    raw = seg.ADE20K(root, 'training', as_is, num_classes=151, reduce_zero=False)[0][1]
     assert torch.equal(raw, torch.from_numpy(labels))
     assert seg.class_names(root, 150)[:2] == ['0', '1']
     with open(os.path.join(root, 'objectInfo150.txt'), 'w') as f:  # ADEChallengeData2016's class list
@@ -131,26 +152,25 @@ def test_reduce_zero_label_and_png_annotations_round_trip(tmp_path):
 
 def test_ade20k_layout_errors_and_unreadable_images(tmp_path):
     root = make_ade(tmp_path / 'ade', n_train=3, n_val=1)
-    ident = lambda i, m: (i, m)  # noqa: E731
-    with pytest.raises(FileNotFoundError, match=r"annotations/validation' does not exist: --data must be ADEChallen"):
+    with pytest.raises(engine.UserError, match=r"annotations/validation' does not exist: --data must be ADEChallen"):
         os.rename(os.path.join(root, 'annotations', 'validation'), os.path.join(root, 'ann_val'))
-        seg.ADE20K(root, 'validation', ident)
+        seg.ADE20K(root, 'validation', as_is)
     os.remove(os.path.join(root, 'annotations', 'training', 'ADE_training_00000001.png'))
-    with pytest.raises(ValueError, match=r"1 of 3 images have no partner .* \(e.g. 'ADE_training_00000001.jpg'\)"):
-        seg.ADE20K(root, 'training', ident)
+    with pytest.raises(engine.UserError, match=r"1 of 3 images have no partner .* \(e.g. 'ADE_training_00000001.jpg"):
+        seg.ADE20K(root, 'training', as_is)
     os.remove(os.path.join(root, 'images', 'training', 'ADE_training_00000001.jpg'))
     (tmp_path / 'ade' / 'images' / 'training' / 'ADE_training_00000000.jpg').write_bytes(b'\xff\xd8\xff truncated')
-    ds = seg.ADE20K(root, 'training', ident)
+    ds = seg.ADE20K(root, 'training', as_is)
     with pytest.warns(UserWarning, match='skipping unreadable image'):
         img, mask, n_bad = ds[0]
     assert n_bad == 1 and mask.shape == img.shape[1:]                       # the next pair stands in
     ann = os.path.join(root, 'annotations', 'training', 'ADE_training_00000002.png')
     Image.fromarray(np.full((40, 40), 200, np.uint8)).save(ann)
     Image.new('RGB', (40, 40)).save(ann.replace('annotations', 'images').replace('.png', '.jpg'))
-    with pytest.raises(ValueError, match='has label 200 but the dataset has 150 classes'):
+    with pytest.raises(engine.UserError, match='has label 200 but the dataset has 150 classes'):
         ds[1]
     Image.new('RGB', (40, 40)).save(ann)
-    with pytest.raises(ValueError, match='not a single-channel 8-bit PNG'):
+    with pytest.raises(engine.UserError, match='not a single-channel 8-bit PNG'):
         ds[1]
 
 
@@ -167,7 +187,8 @@ def test_rescale_size_follows_mmcv_keep_ratio_rule():
 def test_train_transform_keeps_image_and_mask_aligned():
     """Label k is painted as a pure primary colour; every step (rescale, crop, flip, photometric distortion, pad)
     must keep the mask on the image: the dominant channel of each pixel names its label, except within 1 px of
-    region borders, where bilinear resizing blends the colours. Padding: mask 255 exactly where the image is the mean colour."""
+    region borders, where bilinear resizing blends the colours. Padding: mask 255 exactly where the image is the mean
+    colour."""
     rng = np.random.default_rng(0)
     tf = seg.train_transform(crop_size=32, scale=(128, 32), ratio_range=(0.5, 2.0), cat_max_ratio=0.75)
     agreement = []
@@ -203,7 +224,8 @@ def test_cat_max_ratio_redraws_crops_dominated_by_one_class():
     image = tv_tensors.Image(torch.zeros(3, 64, 16, dtype=torch.uint8))
 
     def acceptance(ratio, m):
-        crop, ok = seg.CatMaxRandomCrop(16, ratio), 0
+        crop = seg.CatMaxRandomCrop(16, ratio)
+        ok = 0
         for s in range(300):
             torch.manual_seed(s)
             _, out = crop(image, tv_tensors.Mask(m))
@@ -347,7 +369,7 @@ def test_validate_scores_an_oracle_and_whole_equals_slide(tmp_path):
         loader = torch.utils.data.DataLoader(data, 1, sampler=engine.ShardSampler(len(data)))
         res = {}
         for mode in ('whole', 'slide'):
-            args = type('A', (), dict(arch='vit_tiny', eval_mode=mode, crop_size=32, stride=21, num_classes=150))
+            args = type('A', (), dict(arch='vit_tiny', eval_mode=mode, img_size=32, stride=21, num_classes=150))
             res[mode] = seg.validate(Oracle(), loader, args, torch.device('cpu'), None)
         assert res['whole']['n_val'] == 3 and np.allclose(res['whole']['IoU'], res['slide']['IoU'], equal_nan=True)
         if scale == (128, 44):
@@ -358,54 +380,95 @@ def test_validate_scores_an_oracle_and_whole_equals_slide(tmp_path):
 
 # -- end to end ------------------------------------------------------------------------------------------------------
 
-TINY = ['--crop-size', '32', '--scale', '128', '32', '--num-workers', '0', '--log-every', '1']
+TINY = ['--img-size', '32', '--scale', '128', '32', '--num-workers', '0', '--log-every', '1']
 
 
 def read_log(out):
     return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
 
 
-def test_fcn_end_to_end_evaluates_saves_and_resumes_exactly(ade, micro, tmp_path):
-    argv = ['--data', ade, '--arch', 'resnet50', '--init', micro('resnet50'), '--iters', '5', '--eval-every', '2',
-            '--save-every-steps', '100'] + TINY
-    res = seg.main(argv + ['--output-dir', str(tmp_path / 'a')])
-    assert res['iter'] == 5 and res['n_val'] == 3 and 0 <= res['mIoU'] <= 100 and 0 <= res['aAcc'] <= 100
+class Preempted(Exception):
+    """What the patched save raises: the job killed right after a checkpoint was written."""
+
+
+def preempt_after_save(monkeypatch, n):
+    """engine.save_training_state as it is, but raising Preempted right after its n-th call (later calls pass)."""
+    real = engine.save_training_state
+    calls = []
+
+    def save(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(kwargs)
+        if len(calls) == n:
+            raise Preempted(f'after the save at step {kwargs["step"]}')
+    monkeypatch.setattr(engine, 'save_training_state', save)
+
+
+def test_fcn_end_to_end_evaluates_saves_and_refuses_another_arch(ade, micro, tmp_path):
+    argv = ['--data', ade, '--arch', 'resnet50', '--init', micro('resnet50'), '--max-steps', '3', '--eval-every', '2',
+            '--amp', 'none', '--output-dir', str(tmp_path / 'a')] + TINY
+    res = seg.main(argv)
+    assert res['step'] == 3 and res['n_val'] == 3 and 0 <= res['mIoU'] <= 100 and 0 <= res['aAcc'] <= 100
     log = read_log(tmp_path / 'a')
-    train_lines, evals = [x for x in log if 'loss' in x], [x for x in log if 'mIoU' in x]
-    assert [x['iter'] for x in train_lines] == [1, 2, 3, 4, 5] and [x['iter'] for x in evals] == [2, 4, 5]
+    train_lines = [x for x in log if 'loss' in x]
+    evals = [x for x in log if 'mIoU' in x]
+    assert [x['step'] for x in train_lines] == [1, 2, 3] and [x['step'] for x in evals] == [2, 3]
     assert all(np.isfinite([x['loss'], x['aux_loss'], x['grad_norm']]).all() for x in train_lines)
     assert train_lines[0]['lr'] == pytest.approx(0.01) and train_lines[-1]['lr'] < 0.01       # poly decay
     assert len(evals[-1]['IoU']) == 150 and evals[-1]['mIoU'] == pytest.approx(res['mIoU'])
     files = set(os.listdir(tmp_path / 'a'))
-    assert {engine.CHECKPOINT, 'checkpoint-best.pth', 'iter000002.png', 'iter000004.png', 'iter000005.png'} <= files
-    assert Image.open(tmp_path / 'a' / 'iter000005.png').size[0] > 3 * 160                  # 3 columns, enlarged
+    assert {engine.CHECKPOINT, 'checkpoint-best.pth', 'step000002.png', 'step000003.png'} <= files
+    assert Image.open(tmp_path / 'a' / 'step000003.png').size[0] > 3 * 160                  # 3 columns, enlarged
     best = torch.load(tmp_path / 'a' / 'checkpoint-best.pth', weights_only=True)
-    assert best['mIoU'] == res['best_mIoU'] and best['iter'] == res['best_iter']
-    # exact resume: stopped after 2 iterations (mid-epoch: 3 per epoch), rerun, same as uninterrupted
-    assert seg.main(argv + ['--output-dir', str(tmp_path / 'b'), '--stop-after-steps', '2']) is None
-    assert torch.load(tmp_path / 'b' / engine.CHECKPOINT, weights_only=True)['iteration'] == 2
+    assert best['mIoU'] == res['best_mIoU'] and best['step'] == res['best_step']
+    # unset flags took the FCN recipe (mmseg fcn_r50-d8)
+    a = torch.load(tmp_path / 'a' / engine.CHECKPOINT, weights_only=True)['args']
+    assert (a['eval_mode'], a['momentum'], a['aux_weight'], a['batch_size']) == ('whole', 0.9, 0.4, 2)
+    # resuming with another architecture: one line
+    with pytest.raises(engine.UserError, match=r'written with --arch resnet50 \(now vit_tiny\)'):
+        seg.main(argv[:2] + ['--arch', 'vit_tiny', '--patch-size', '8', '--init', 'none', '--max-steps', '5',
+                             '--warmup-steps', '1', '--output-dir', str(tmp_path / 'a')] + TINY)
+
+
+def test_preempted_run_resumes_exactly(ade, micro, tmp_path, monkeypatch):
+    """Killed right after the save at step 2 (mid-epoch: 3 steps per epoch), rerun: bit-identical to an uninterrupted
+    run (bf16 autocast, stochastic depth 0.1 from the ViT recipe: the RNG states must be restored too)."""
+    argv = ['--data', ade, '--arch', 'vit_tiny', '--patch-size', '8', '--init', micro('vit_tiny', 32, 8),
+            '--max-steps', '5', '--warmup-steps', '1', '--eval-every', '2', '--save-every-steps', '2',
+            '--amp', 'bf16'] + TINY
+    res = seg.main(argv + ['--output-dir', str(tmp_path / 'a')])
+    preempt_after_save(monkeypatch, 1)
+    with pytest.raises(Preempted):
+        seg.main(argv + ['--output-dir', str(tmp_path / 'b')])
+    assert torch.load(tmp_path / 'b' / engine.CHECKPOINT, weights_only=True)['step'] == 2
     res2 = seg.main(argv + ['--output-dir', str(tmp_path / 'b')])
-    a, b = (torch.load(tmp_path / d / engine.CHECKPOINT, weights_only=True) for d in 'ab')
+    a = torch.load(tmp_path / 'a' / engine.CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / 'b' / engine.CHECKPOINT, weights_only=True)
+    assert a['args']['amp'] == 'bf16' and a['args']['drop_path'] == 0.1
     assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
     for k, v in a['optimizer']['state'].items():
         assert all(torch.equal(x, b['optimizer']['state'][k][n]) for n, x in v.items())
-    assert res2['mIoU'] == res['mIoU'] and [x['iter'] for x in read_log(tmp_path / 'b') if 'mIoU' in x] == [2, 4, 5]
-    # resuming with another architecture: one line
-    with pytest.raises(ValueError, match=r'written with --arch resnet50 \(now vit_tiny\)'):
-        seg.main(argv[:2] + ['--arch', 'vit_tiny', '--patch-size', '8', '--init', 'none', '--iters', '5',
-                             '--warmup-iters', '1', '--output-dir', str(tmp_path / 'b')] + TINY)
+    log_b = read_log(tmp_path / 'b')
+    assert res2 == res and [x['step'] for x in log_b if 'mIoU' in x] == [2, 4, 5]
+    assert [x['step'] for x in log_b if 'loss' in x] == [1, 2, 3, 4, 5]
+    assert [x['loss'] for x in log_b if 'loss' in x] == [x['loss'] for x in read_log(tmp_path / 'a') if 'loss' in x]
 
 
-def test_vit_end_to_end_loads_interpolated_weights_and_slides(ade, micro, tmp_path):
+def test_vit_end_to_end_loads_interpolated_weights_slides_and_subsets(ade, micro, tmp_path, capsys):
     """ViT (patch 8) pre-trained at 16 px, segmenting 32 px crops: the grid 2x2 -> 4x4. With --lr 0 the checkpoint
-    holds the loaded weights; evaluation slides 32 px windows over the test images (36..55 px, rescaled)."""
+    holds the loaded weights; evaluation slides 32 px windows over the test images (36..55 px, rescaled).
+    --subset 4 of the 6 training images at batch 2: 2 steps per epoch."""
     init = micro('vit_tiny', size=16, patch=8)
     out = tmp_path / 'vit'
-    res = seg.main(['--data', ade, '--arch', 'vit_tiny', '--patch-size', '8', '--init', init, '--iters', '2',
-                    '--warmup-iters', '1', '--lr', '0', '--output-dir', str(out)] + TINY)
-    assert res['n_val'] == 3 and res['iter'] == 2
+    res = seg.main(['--data', ade, '--arch', 'vit_tiny', '--patch-size', '8', '--init', init, '--max-steps', '2',
+                    '--warmup-steps', '1', '--lr', '0', '--subset', '4', '--output-dir', str(out)] + TINY)
+    assert res['n_val'] == 3 and res['step'] == 2
+    assert '4 training / 3 val images' in capsys.readouterr().out
+    assert [x['epoch'] for x in read_log(out) if 'loss' in x] == [0.5, 1.0]
     state = torch.load(out / engine.CHECKPOINT, weights_only=True)
-    assert state['args']['eval_mode'] == 'slide' and state['args']['stride'] == 21
+    a = state['args']
+    assert (a['eval_mode'], a['stride'], a['subset'], a['lr'], a['layer_decay'], a['drop_path']) == ('slide', 21, 4,
+                                                                                                      0.0, 0.8, 0.1)
     src = torch.load(init, weights_only=True)
     assert torch.equal(state['model']['backbone.pos_embed'], engine.interpolate_pos_embed(src['pos_embed'], 16))
     assert torch.equal(state['model']['backbone.blocks.1.attn.qkv.weight'], src['blocks.1.attn.qkv.weight'])
@@ -422,60 +485,84 @@ def test_demo_mosaics_and_demo_run(micro, tmp_path, monkeypatch, capsys):
     assert masks[:, :2].sum() == 0 and set(masks.unique().tolist()) == set(range(9))
     # the demo: no --data; the checkpoint missing -> one line; present -> pre-trained and random init
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r'run `python train.py` first'):
+    with pytest.raises(engine.UserError, match=r'run `python train.py` first'):
         seg.main([])
     torch.manual_seed(0)
     enh = cim.build_enhancer('vit_tiny', 32, 4).state_dict()
     torch.save(dict(model={'enhancer.' + k: v for k, v in enh.items()}, args=dict(arch='vit_tiny', patch_size=4,
                                                                                   img_size=32)), tmp_path / 'ck.pth')
-    res = seg.main(['--init', str(tmp_path / 'ck.pth'), '--demo-images', '8', '2', '--iters', '2', '--batch-size',
-                    '4', '--num-workers', '0'])
-    assert set(res) == {'pre-trained', 'random init'} and all(r['n_val'] == 2 for r in res.values())
+    # --batch-size 2 and --lr 3e-4 are the ViT recipe's values, given explicitly: they win over the demo's 16 / 5e-3
+    res = seg.main(['--init', str(tmp_path / 'ck.pth'), '--subset', '8', '--max-steps', '2', '--batch-size', '2',
+                    '--lr', '3e-4', '--num-workers', '0'])
+    # the fake Fashion-MNIST: 400 / 200 items -> 100 / 50 mosaics, 50 < 100 validation mosaics
+    assert set(res) == {'pre-trained', 'random init'} and all(r['n_val'] == 50 for r in res.values())
     text = capsys.readouterr().out
-    assert '--arch vit_tiny' in text and '--patch-size 4' in text and 'pre-trained' in text and 'random init' in text
-    assert os.path.isfile(tmp_path / 'out' / 'demo_seg' / 'pretrained' / 'iter000002.png')
+    taken = next(line for line in text.splitlines() if 'unset flags take' in line)
+    assert '--arch vit_tiny' in taken and '--patch-size 4' in taken and '--warmup-steps 0' in taken
+    assert '--img-size 32' in taken and not re.search(r'--batch-size|--lr\b', taken)
+    assert 'pre-trained' in text and 'random init' in text and 'on 8 training mosaics' in text
+    state = torch.load(tmp_path / 'out' / 'demo_seg' / 'pretrained' / engine.CHECKPOINT, weights_only=True)
+    a = state['args']
+    assert (a['batch_size'], a['lr'], a['subset'], a['img_size'], a['eval_every'], a['arch'], a['patch_size'],
+            a['warmup_steps'], a['drop_path']) == (2, 3e-4, 8, 32, 300, 'vit_tiny', 4, 0, 0.1)
+    assert os.path.isfile(tmp_path / 'out' / 'demo_seg' / 'pretrained' / 'step000002.png')
+    assert os.path.isfile(tmp_path / 'out' / 'demo_seg' / 'scratch' / engine.CHECKPOINT)
 
 
 # -- bad input: one line ---------------------------------------------------------------------------------------------
 
-def test_bad_inputs_raise_one_line_errors(ade, micro, tmp_path):
+def test_bad_inputs_raise_one_line_errors_before_writing(ade, micro, tmp_path, capsys):
     (tmp_path / 'flat').mkdir()
     vit_init = micro('vit_tiny')
-    r50 = ['--data', ade, '--arch', 'resnet50', '--init', 'none', '--iters', '2'] + TINY
-    vit = ['--data', ade, '--arch', 'vit_tiny', '--patch-size', '8', '--init', 'none', '--iters', '2',
-           '--warmup-iters', '1'] + TINY
+    r50 = ['--data', ade, '--arch', 'resnet50', '--init', 'none', '--max-steps', '2'] + TINY
+    vit = ['--data', ade, '--arch', 'vit_tiny', '--patch-size', '8', '--init', 'none', '--max-steps', '2',
+           '--warmup-steps', '1'] + TINY
     cases = {
         "images/training' does not exist: --data must be ADEChallengeData2016": r50[:1] + [str(tmp_path / 'flat')] +
         r50[2:],
         "weights file '/nonexistent.pth' does not exist": r50[:4] + ['--init', '/nonexistent.pth'] + r50[6:],
         'holds vit weights but the model is a resnet': r50[:4] + ['--init', vit_init] + r50[6:],
         '--init is required with --data': ['--data', ade],
-        '--crop-size 30 is not divisible by --patch-size 8': vit + ['--crop-size', '30'],
+        '--img-size 30 is not divisible by --patch-size 8': vit + ['--img-size', '30'],
         'use --eval-mode slide': vit + ['--eval-mode', 'whole'],
         'BatchNorm needs more than one image per process': r50 + ['--batch-size', '1'],
-        '--iters must be >= 1, got 0': r50 + ['--iters', '0'],
-        '--warmup-iters 1500 must be between 0 and --iters 2': vit[:-len(TINY) - 2] + TINY,
-        '--stride 40 larger than --crop-size 32': vit + ['--stride', '40'],
+        '--max-steps must be >= 1, got 0': r50 + ['--max-steps', '0'],
+        '--subset must be >= 1, got 0': r50 + ['--subset', '0'],
+        '--warmup-steps 1500 must be between 0 and --max-steps 2': vit[:-len(TINY) - 2] + TINY,
+        '--stride 40 larger than --img-size 32': vit + ['--stride', '40'],
     }
     for msg, argv in cases.items():
-        with pytest.raises((ValueError, FileNotFoundError)) as e:
+        with pytest.raises(engine.UserError) as e:
             seg.main(argv + ['--output-dir', str(tmp_path / 'out')])
         assert msg in str(e.value) and '\n' not in str(e.value), (msg, str(e.value))
-    with pytest.raises(SystemExit):
+        assert not (tmp_path / 'out').exists(), msg                         # checked before anything is written
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         seg.main(['--arch', 'vit_huge'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: argument --arch: invalid choice: 'vit_huge'")
 
 
-def test_cli_prints_one_line_errors(ade, tmp_path):
-    cases = {"argument --arch: invalid choice: 'vit_huge'": ['--arch', 'vit_huge'],
-             "have no partner with the same name": ['--data', str(tmp_path), '--init', 'none']}
+def test_cli_one_line_errors_and_a_redirected_run_without_progress_bars(ade, tmp_path):
+    """As a user runs it, output redirected: errors are one line; a run's log lines and evaluation summary are plain
+    lines, with no carriage returns or cursor-up escapes of (nested: train, val) progress bars."""
+    cases = {"have no partner with the same name": ['--data', str(tmp_path), '--init', 'none']}
     for d in ('images', 'annotations'):
         (tmp_path / d / 'training').mkdir(parents=True)
     Image.new('RGB', (8, 8)).save(tmp_path / 'images' / 'training' / 'a.jpg')
     env = {**os.environ, 'PYTHONPATH': ROOT, 'OMP_NUM_THREADS': '1'}
+    run = ['--data', ade, '--arch', 'vit_tiny', '--patch-size', '8', '--init', 'none', '--max-steps', '2',
+           '--warmup-steps', '1', '--amp', 'none', '--output-dir', str(tmp_path / 'run')] + TINY
     procs = {msg: subprocess.Popen([sys.executable, os.path.join(ROOT, 'segment.py')] + argv, cwd=tmp_path, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for msg, argv in cases.items()}
+             for msg, argv in dict(cases, run=run).items()}
     for msg, p in procs.items():
-        _, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=300)
+        if msg == 'run':
+            assert p.returncode == 0, err[-3000:]
+            assert 'step 1/2: loss' in out and 'step 2/2: val mIoU' in out and 'done: vit_tiny' in out
+            assert '\r' not in out + err and '\x1b[A' not in out + err
+            continue
         lines = err.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and msg in lines[0], err
