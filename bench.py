@@ -77,6 +77,11 @@ def main(argv=None):
     if not args.loader_only:
         peak = matmul_peak(device, torch.bfloat16)
         print(f'dense bf16 matmul peak, measured: {peak / 1e12:.2f} TFLOP/s')
+        if dtype != torch.bfloat16:  # the share of peak is taken against the peak of the dtype the step runs in
+            run_dtype = dtype or torch.float32
+            peak = matmul_peak(device, run_dtype)
+            print(f'dense {str(run_dtype)[6:]} matmul peak, measured: {peak / 1e12:.2f} TFLOP/s (this run\'s '
+                  f'reference)')
         step_imgs_per_s = benchmark_step(args, tokenizer, device, dtype, peak)
     if not args.no_loader:
         benchmark_loader(args, tok_size, step_imgs_per_s)
@@ -298,7 +303,7 @@ def benchmark_loader(args, tok_size, step_imgs_per_s):
           f'{args.img_size} px bicubic and {tok_size} px Lanczos; {grid}x{grid} tokens)')
     if step_imgs_per_s:
         need = math.ceil(step_imgs_per_s / per_worker)
-        print(f'at {step_imgs_per_s:.0f} img/s per GPU the loader needs >= {need} workers per GPU '
+        print(f'at {step_imgs_per_s:.1f} img/s per device the loader needs >= {need} workers per device '
               f'(--num-workers {args.num_workers}: {"enough" if args.num_workers >= need else "too few"})')
 
 

@@ -471,8 +471,7 @@ def train_tokenizer(loader, config, steps, lr=4e-3, device='cpu', kl_weight=6.6,
         tok.load_state_dict(ckpt['state_dict'])
         opt.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']
-    from tqdm import tqdm
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc='dvae', dynamic_ncols=True)
+    bar = engine.progress(progress, total=steps, initial=step, desc='dvae')  # in a terminal; else lines
     checked = False
     while step < steps:
         n_batches = 0
@@ -498,6 +497,9 @@ def train_tokenizer(loader, config, steps, lr=4e-3, device='cpu', kl_weight=6.6,
                            'psnr': round(-10 * math.log10(max(metrics['mse'].item(), 1e-10)), 2),
                            'tau': round(tau, 4), 'kl_weight': round(beta, 4), 'lr': opt.param_groups[0]['lr']}
                 bar.set_postfix(loss=metrics['loss'], psnr=metrics['psnr'], tau=metrics['tau'])
+                if progress and bar.disable:
+                    print(f"dvae step {step}/{steps}: loss {metrics['loss']:.4f}, PSNR {metrics['psnr']:.2f} dB, "
+                          f"tau {metrics['tau']:.3f}", flush=True)
                 if log is not None:
                     log(metrics)
             if ckpt_path and (step % ckpt_every == 0 or step == steps):
