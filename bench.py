@@ -7,7 +7,8 @@
 
 Prints the device's dense matmul peak (bf16, measured here with a large matmul), then for one CIM training step:
 img/s, TFLOP/s, share of that peak, the time split (tokenizer encode, generator fwd+bwd, sample + decode, enhancer
-fwd+bwd, optimizer), peak memory, and the same for the enhancer alone on clean images (what CIM costs on top).
+fwd+bwd, optimizer), peak memory, and the same for the enhancer alone on clean images (what CIM costs on top); on a
+GPU, the host syncs inside one step (torch.cuda.set_sync_debug_mode).
 The step is train.py's: autocast forward, backward, unscale, fp64 grad norm, clip, fused AdamW step. Then the cost
 of predicting all N tokens in the generator instead of the masked ones only, and the data loader: training images
 decoded and transformed per second by one worker on ImageNet-sized JPEGs, and the workers one GPU needs.
@@ -17,6 +18,7 @@ import os
 import resource
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -92,20 +94,21 @@ def main(argv=None):
 
 @torch.no_grad()
 def matmul_peak(device, dtype, n=None, seconds=1.0):
-    """Dense matmul FLOP/s of this device: a large square matmul (8192 on a GPU, 2048 on the CPU) repeated for about
+    """Dense matmul FLOP/s of this device: a large square matmul (8192 on a GPU, 1024 on the CPU) repeated for about
     `seconds` after a warm-up. The reference for 'share of peak' (2 n^3 FLOPs per matmul)."""
-    n = n or (8192 if device.type == 'cuda' else 2048)
+    cuda = device.type == 'cuda'
+    n = n or (8192 if cuda else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up: kernel selection, allocation
     sync(device)
     t0 = time.perf_counter()
     reps = 0
-    while time.perf_counter() - t0 < seconds:
-        for _ in range(10):
+    while reps == 0 or time.perf_counter() - t0 < seconds:
+        for _ in range(10 if cuda else 1):  # a GPU runs them queued; a CPU without bf16 takes seconds for one
             a @ b
+            reps += 1
         sync(device)
-        reps += 10
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
@@ -205,6 +208,14 @@ def benchmark_step(args, tokenizer, device, dtype, peak):
     f_ratio = runs['CIM']['flops'] / runs['enhancer only']['flops']
     print(f'CIM / enhancer-only: time ratio {t_ratio:.2f}x, FLOP ratio {f_ratio:.2f}x (time/FLOP ratio '
           f'{t_ratio / f_ratio:.2f}; 1.0 = the extra work runs as fast as the enhancer)')
+    if cuda:  # a host sync inside the step stalls the GPU's queue; torch warns at each one in this mode
+        torch.cuda.set_sync_debug_mode('warn')
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            cim_step()
+        torch.cuda.set_sync_debug_mode('default')
+        first = f' (first: {str(caught[0].message)[:80]})' if caught else ''
+        print(f'host syncs in one CIM step: {len(caught)}{first}')
     all_positions_cost(model, B, device, autocast, runs['CIM']['seconds'], args.steps)
     return B / runs['CIM']['seconds']
 
