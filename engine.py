@@ -521,7 +521,7 @@ def load_training_state(path, model, optimizer, scaler, args, rank, log, same_ar
     An unreadable checkpoint-last.pth (truncated by a crash) with checkpoint-prev.pth beside it: says so and reads
     that one. Then checks that the run is the same: args named in `same_args` and the `same` entries (name=value
     now) must equal the checkpoint's, else a one-line UserError. Loads model (strict, but for skip_prefix),
-    optimizer, scaler, this rank's RNG states, and updates `log`."""
+    optimizer, scaler, this rank's RNG states, updates `log`, and says where it resumed."""
     try:
         state = torch_load(path, 'checkpoint')
     except UserError as e:
@@ -549,6 +549,8 @@ def load_training_state(path, model, optimizer, scaler, args, rank, log, same_ar
     scaler.load_state_dict(state['scaler'])
     set_rng_state(state['rng'][rank])
     log.update(state['log'])
+    if is_main():
+        print(f"resumed from '{path}' at step {state['step']}")
     return state, path
 
 

@@ -788,9 +788,7 @@ SAME_ARGS = ('arch', 'linear_probe', 'num_classes', 'img_size', 'patch_size', 's
 
 def resume(path, model, optimizer, scaler, args, rank, log):
     """Loads a checkpoint of the same model, data and batch layout -> optimizer steps done; restores RNG states."""
-    state, path = engine.load_training_state(path, model, optimizer, scaler, args, rank, log, SAME_ARGS)
-    if engine.is_main():
-        print(f"resumed from '{path}' at step {state['step']}")
+    state, _ = engine.load_training_state(path, model, optimizer, scaler, args, rank, log, SAME_ARGS)
     return state['step']
 
 

@@ -889,9 +889,7 @@ SAME_ARGS = ('arch', 'patch_size', 'img_size', 'num_classes', 'subset', 'batch_s
 
 def resume(path, model, optimizer, scaler, args, rank, log):
     """Loads a checkpoint of the same model, data and batch layout (else a one-line UserError) -> steps done."""
-    state, path = engine.load_training_state(path, model, optimizer, scaler, args, rank, log, SAME_ARGS)
-    if engine.is_main():
-        print(f"resumed from '{path}' at step {state['step']}")
+    state, _ = engine.load_training_state(path, model, optimizer, scaler, args, rank, log, SAME_ARGS)
     return state['step']
 
 

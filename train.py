@@ -403,10 +403,8 @@ def save(model, optimizer, scaler, args, step, log):
 def resume(path, model, optimizer, scaler, args, rank, log):
     """Loads a checkpoint of the same model, tokenizer and batch layout -> optimizer steps done."""
     tok = dict(vocab_size=model.tokenizer.vocab_size, downsample=model.tokenizer.downsample)
-    state, path = engine.load_training_state(path, model, optimizer, scaler, args, rank, log, SAME_ARGS,
-                                             skip_prefix='tokenizer.', tokenizer=tok)
-    if engine.is_main():
-        print(f"resumed from '{path}' at step {state['step']}")
+    state, _ = engine.load_training_state(path, model, optimizer, scaler, args, rank, log, SAME_ARGS,
+                                          skip_prefix='tokenizer.', tokenizer=tok)
     return state['step']
 
 
