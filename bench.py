@@ -61,9 +61,7 @@ def main(argv=None):
     if args.img_size % args.patch_size:
         raise engine.UserError(f'--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}')
     dtype = engine.resolve_amp(args.amp, device)
-    torch.backends.cudnn.benchmark = True  # as in training
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True  # as in training (and, as there, torch's default TF32 settings)
     where = torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'
     torch.manual_seed(args.seed)
     if args.tokenizer:
@@ -149,25 +147,15 @@ def benchmark_step(args, tokenizer, device, dtype, peak):
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    def optimizer_step(optimizer, params):  # train.py's, after the backward
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grads_with_norm_(params, 3.0, engine.grad_norm(params))
-        scaler.step(optimizer)
-        scaler.update(None if dtype == torch.float16 else 1.0)
-        optimizer.zero_grad(set_to_none=True)
+    # train.py's own step. Block masks are made beforehand, as train.py's loader workers do; random ones on the device
+    views = [imgs, tok_imgs] + ([model.make_mask(B, device)] if args.mask_type == 'block' else [])
+    enhancer_only = EnhancerOnly(model)
 
     def cim_step():
-        mask = model.make_mask(B, device)
-        with autocast():
-            loss = model(imgs, tok_imgs, mask)['loss']
-        scaler.scale(loss).backward()
-        optimizer_step(cim_opt, cim_params)
+        train.train_step(model, [views], cim_opt, scaler, cim_params, ('loss',), 3.0, dtype)
 
-    def enhancer_step():  # the same backbone and head on the clean image, a stand-in loss
-        with autocast():
-            loss = model.head(cim.enhancer_feature_map(model.enhancer, imgs)).float().square().mean()
-        scaler.scale(loss).backward()
-        optimizer_step(enh_opt, enh_params)
+    def enhancer_step():
+        train.train_step(enhancer_only, [[imgs]], enh_opt, scaler, enh_params, ('loss',), 3.0, dtype)
 
     cim_params = [p for p in model.parameters() if p.requires_grad]
     enh_params = list(model.enhancer.parameters()) + list(model.head.parameters())
@@ -193,8 +181,7 @@ def benchmark_step(args, tokenizer, device, dtype, peak):
         else:
             memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, in bytes
         runs[name] = dict(seconds=seconds, flops=flops[name], memory=memory)
-    split = time_split(model, imgs, tok_imgs, scaler, autocast, lambda: optimizer_step(cim_opt, cim_params), device,
-                       args.steps)
+    split = time_split(model, views, scaler, autocast, cim_opt, cim_params, dtype, device, args.steps)
 
     for name, r in runs.items():
         print(f"{name:>13}: {r['seconds'] * 1e3:9.1f} ms/step {B / r['seconds']:9.1f} img/s "
@@ -208,26 +195,47 @@ def benchmark_step(args, tokenizer, device, dtype, peak):
     f_ratio = runs['CIM']['flops'] / runs['enhancer only']['flops']
     print(f'CIM / enhancer-only: time ratio {t_ratio:.2f}x, FLOP ratio {f_ratio:.2f}x (time/FLOP ratio '
           f'{t_ratio / f_ratio:.2f}; 1.0 = the extra work runs as fast as the enhancer)')
-    if cuda:  # a host sync inside the step stalls the GPU's queue; torch warns at each one in this mode
-        torch.cuda.set_sync_debug_mode('warn')
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            cim_step()
-        torch.cuda.set_sync_debug_mode('default')
-        first = f' (first: {str(caught[0].message)[:80]})' if caught else ''
-        print(f'host syncs in one CIM step: {len(caught)}{first}')
+    if cuda:  # a host sync inside the step stalls the GPU's queue
+        where = host_syncs(cim_step)
+        print(f"host syncs in one CIM step: {len(where)}{' at ' + ', '.join(sorted(set(where))) if where else ''}")
     all_positions_cost(model, B, device, autocast, runs['CIM']['seconds'], args.steps)
     return B / runs['CIM']['seconds']
 
 
-def time_split(model, imgs, tok_imgs, scaler, autocast, optimizer_step, device, steps):
+class EnhancerOnly(torch.nn.Module):
+    """The CIM's enhancer and head on the clean image with a stand-in loss: what the enhancer costs alone."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, imgs):
+        feats = self.model.feature_map(self.model.enhancer, imgs)  # compiled with the CIM under --compile
+        return {'loss': self.model.head(feats).float().square().mean()}
+
+
+def host_syncs(step):
+    """Runs step() in CUDA's sync debug mode, which warns at each host sync -> ['file.py:line', ...], one per sync
+    (the step's other warnings are not syncs, and are not counted)."""
+    torch.cuda.set_sync_debug_mode('warn')
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    return [f'{os.path.basename(w.filename)}:{w.lineno}' for w in caught if 'synchronizing' in str(w.message)]
+
+
+def time_split(model, views, scaler, autocast, optimizer, params, dtype, device, steps):
     """Seconds per step of each stage, called one by one through CIM's own stage methods and synchronized after
     each: the generator's and the enhancer's graphs are disjoint, so two backward calls give the gradients of one
-    backward of their sum. -> {stage: seconds}."""
+    backward of their sum. The optimizer stage is train.train_step's tail. -> {stage: seconds}."""
     names = ('tokenizer encode', 'generator fwd+bwd', 'sample + decode', 'enhancer fwd+bwd', 'optimizer')
     times = dict.fromkeys(names, 0.0)
+    imgs, tok_imgs = views[:2]
     for _ in range(steps):
-        mask = model.make_mask(imgs.shape[0], imgs.device)
+        mask = views[2] if len(views) > 2 else model.make_mask(imgs.shape[0], imgs.device)
         marks = [time.perf_counter()]
         with autocast():
             golden = model.tokenize(tok_imgs)
@@ -247,7 +255,11 @@ def time_split(model, imgs, tok_imgs, scaler, autocast, optimizer_step, device, 
         scaler.scale(model.enhancer_weight * enh_loss).backward()
         sync(device)
         marks.append(time.perf_counter())
-        optimizer_step()
+        scaler.unscale_(optimizer)  # train.train_step's tail, as there
+        torch.nn.utils.clip_grads_with_norm_(params, 3.0, engine.grad_norm(params).to(params[0].dtype))
+        scaler.step(optimizer)
+        scaler.update(None if dtype == torch.float16 else 1.0)
+        optimizer.zero_grad(set_to_none=True)
         sync(device)
         marks.append(time.perf_counter())
         for name, a, b in zip(names, marks, marks[1:]):

@@ -511,6 +511,7 @@ class CIM(nn.Module):
         self.generator = Generator(img_size, patch_size, tokenizer.vocab_size, width, gen_depth, heads, shared)
         feat_grid = self.grid if vit else img_size // 32
         out_grid = img_size if task == 'respix' else self.grid
+        self.feature_map = enhancer_feature_map  # (enhancer, imgs) -> [B, D, h, w]; compile() may swap in its own
         # paper silent; REVDET scales its head init by 0.001 as BEiT's fine-tuning head, so that it starts at chance
         # (BCE ln 2) rather than at the noise of ResNet-50's 2048 un-normalized features (logits std 1.3)
         self.head = PixelShuffleHead(enh_width, 3 if task == 'respix' else 1, out_grid // feat_grid,
@@ -556,7 +557,7 @@ class CIM(nn.Module):
     def enhance(self, corrupted_imgs, imgs, replaced):
         """Sec. 2.2: the enhancer and its linear head on the corrupted image, scored against the clean image's
         window-normalized pixels (RESPIX) or the replaced-token map (REVDET). -> (pred, target, loss)."""
-        pred = self.head(enhancer_feature_map(self.enhancer, corrupted_imgs))
+        pred = self.head(self.feature_map(self.enhancer, corrupted_imgs))
         if self.task == 'respix':
             target = respix_target(imgs, self.target_norm, self.patch_size)
             return pred, target, respix_loss(pred, target)
@@ -586,13 +587,18 @@ class CIM(nn.Module):
 
     def compile(self, **kwargs):
         """torch.compile of the networks while the step (masking, sampling, replacement, losses) stays eager: the
-        tokenizer (its own compile), each generator and ViT block, ResNet-50's four stages."""
+        tokenizer (its own compile), each generator and ViT block, ResNet-50's whole trunk as one graph.
+
+        Static shapes (dynamic=False unless given): the figures' batch of 8 gets graphs of its own, instead of a
+        dynamic-batch graph that the training steps would then run. ResNet-50's four stages would share one code
+        object (nn.Sequential.forward), whose variants (stages x train / eval) reach Dynamo's recompile limit."""
+        kwargs.setdefault('dynamic', False)
         self.tokenizer.compile(**kwargs)
         parts = list(self.generator.blocks)
         if is_vit(self.enhancer):
             parts += list(self.enhancer.blocks)
         else:
-            parts += [self.enhancer.layer1, self.enhancer.layer2, self.enhancer.layer3, self.enhancer.layer4]
+            self.feature_map = torch.compile(enhancer_feature_map, **kwargs)
         for m in dict.fromkeys(parts):  # the shared blocks once
             m.compile(**kwargs)
         return self

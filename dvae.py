@@ -17,8 +17,8 @@ An image folder is evaluated on its test/ or val/ subfolder when it also has tra
 images, held out from training. encode/decode run in DALL-E's own precision (body_dtype): a float16 body on CUDA
 with float32 logits and token embedding, float32 on the CPU, whatever autocast is active around them.
 """
-import argparse
 import collections
+import contextlib
 import functools
 import json
 import math
@@ -53,6 +53,18 @@ def unmap_pixels(x):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The networks (dall_e/encoder.py, decoder.py, utils.py), generalized to `group_count` groups
+
+@contextlib.contextmanager
+def without_tf32():
+    """cuDNN convolutions in true float32 inside: the logits conv is float32 in DALL-E, and cuDNN's default TF32 (on
+    Ampere and later) keeps only 10 mantissa bits, which moves argmax near-ties. The float16 body is unaffected."""
+    allowed = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = allowed
+
 
 def body_dtype(device):
     """DALL-E's precision for the frozen dVAE's body on `device`: float16 on CUDA, float32 elsewhere.
@@ -250,7 +262,7 @@ class Tokenizer(nn.Module):
     def encode(self, imgs):
         """imgs: [B, 3, H, W] float in [0, 1] (not mean/std normalized) -> tokens [B, H/d, W/d] long (argmax)."""
         _check_images(imgs, self.downsample)
-        with torch.autocast(imgs.device.type, enabled=False):
+        with torch.autocast(imgs.device.type, enabled=False), without_tf32():
             x = map_pixels(imgs.float()).contiguous(memory_format=torch.channels_last)  # faster convs
             logits = self.encoder(x, dtype=body_dtype(imgs.device))  # [B, vocab_size, H/d, W/d] float32
         return logits.argmax(dim=1)

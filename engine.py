@@ -4,6 +4,7 @@ The method itself lives in cim.py; nothing here is CIM-specific. Each training l
 """
 import argparse
 import copy
+import fcntl
 import functools
 import gzip
 import itertools
@@ -329,6 +330,17 @@ def sum_over_ranks(x):
     return x
 
 
+def seed_rank(seed, rank):
+    """Seeds torch, numpy and Python for one rank's own random stream (masks, samples, mixing, stochastic depth).
+    Rank 0 takes `seed` itself (a one-process run is unchanged); rank r > 0 a number derived from the pair
+    (seed, r) by numpy's SeedSequence, so rank 1 of seed s never repeats rank 0 of seed s + 1 (as seed + rank did)."""
+    if rank:
+        seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Optimization: AdamW parameter groups, lr schedule, layer decay, stochastic depth (ResNet), precision, grad norm
 
@@ -422,10 +434,12 @@ def resolve_amp(amp, device):
 
 def grad_norm(parameters):
     """Global L2 norm of the gradients: [0-dim] fp64, finite exactly when every gradient is finite (each tensor's
-    norm is taken in fp64, where squares of finite fp32 gradients cannot overflow; clip_grad_norm_'s fp32 norm
-    turns large finite gradients into inf)."""
-    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64) for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros((), dtype=torch.float64)
+    norm is accumulated in fp64, where squares of finite fp32 gradients cannot overflow; clip_grad_norm_'s fp32 norm
+    turns large finite gradients into inf). One multi-tensor kernel on CUDA (_foreach_norm), not one per tensor."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -471,6 +485,45 @@ def atomic_save(obj, path, previous=None):
         os.replace(path, previous)
     os.replace(tmp, path)
     return path
+
+
+_held = {}  # output folders this process has locked: their open lock files
+
+
+def lock_output_dir(output_dir):
+    """Creates output_dir and takes its lock (rank 0; flock on output_dir/.lock, released when the process ends,
+    however it ends). A folder that another live process holds (say, the workers of a torchrun that was killed
+    without them) is refused with a UserError, instead of two runs racing on one checkpoint and log."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.realpath(os.path.join(output_dir, '.lock'))
+    if not is_main() or path in _held:
+        return
+    f = open(path, 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or '?'
+        f.close()
+        raise UserError(f"'{output_dir}' is in use by a live run (process {pid}); stop it (its torchrun workers "
+                        f"too) or pass another --output-dir") from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    _held[path] = f
+
+
+def truncate_log(path, step):
+    """Drops the records of log.jsonl after optimizer step `step` (logged by a run that was killed after its last
+    checkpoint): the resumed run logs them again, so the file stays one record per interval (rank 0)."""
+    if not is_main() or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if json.loads(line).get('step', 0) <= step]
+    if len(kept) < len(lines):
+        with open(path, 'w') as f:
+            f.writelines(kept)
 
 
 def find_checkpoint(output_dir):
@@ -521,7 +574,8 @@ def load_training_state(path, model, optimizer, scaler, args, rank, log, same_ar
     An unreadable checkpoint-last.pth (truncated by a crash) with checkpoint-prev.pth beside it: says so and reads
     that one. Then checks that the run is the same: args named in `same_args` and the `same` entries (name=value
     now) must equal the checkpoint's, else a one-line UserError. Loads model (strict, but for skip_prefix),
-    optimizer, scaler, this rank's RNG states, updates `log`, and says where it resumed."""
+    optimizer, scaler, this rank's RNG states, updates `log`, drops log.jsonl's records after the checkpoint's step
+    (truncate_log), and says where it resumed."""
     try:
         state = torch_load(path, 'checkpoint')
     except UserError as e:
@@ -549,6 +603,7 @@ def load_training_state(path, model, optimizer, scaler, args, rank, log, same_ar
     scaler.load_state_dict(state['scaler'])
     set_rng_state(state['rng'][rank])
     log.update(state['log'])
+    truncate_log(os.path.join(args.output_dir, 'log.jsonl'), state['step'])
     if is_main():
         print(f"resumed from '{path}' at step {state['step']}")
     return state, path

@@ -31,10 +31,8 @@ import contextlib
 import copy
 import functools
 import os
-import random
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -219,26 +217,19 @@ def main(argv=None):
         model = build_model(args, device)
         if args.linear_probe:
             engine.recompute_bn_stats(model.backbone, bn_loader, device, dtype)  # BN protocol (docstring)
-            # LARS (MAE's) is not in torch; one linear layer: SGD + momentum (MoCo v3, DINO)
-            optimizer = torch.optim.SGD(engine.param_groups(model, args.weight_decay), lr=peak_lr, momentum=0.9)
-        else:
-            decay = engine.layer_decay(len(model.blocks), args.layer_decay) if cim.is_vit(model) else None
-            groups = engine.param_groups(model, args.weight_decay, cim.NO_WEIGHT_DECAY_KEYS, decay)
-            optimizer = torch.optim.AdamW(groups, lr=peak_lr, betas=tuple(args.betas), fused=True)
+        optimizer = build_optimizer(model, args, peak_lr)
         # fp16: dynamic loss scaling. bf16 / fp32: the scale stays 1 and the scaler does the other half of its job,
         # skipping a step whose gradients are not finite, on the device (no host sync)
         scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == torch.float16 else 1.0)
 
         # resume (the checkpoint holds every rank's RNG state), then the DDP wrap
-        torch.manual_seed(args.seed + rank)  # from here on, mixing and stochastic depth differ across ranks
-        random.seed(args.seed + rank)
-        np.random.seed(args.seed + rank)
+        engine.seed_rank(args.seed, rank)  # from here on, mixing and stochastic depth differ across ranks
         log = dict(n_bad_images=0, skipped_steps=0, best_acc1=-1.0, best_epoch=0, last={})
         start_step = 0
+        engine.lock_output_dir(args.output_dir)  # one live run per folder
         ckpt = args.resume or engine.find_checkpoint(args.output_dir)
         if ckpt:
             start_step = resume(ckpt, model, optimizer, scaler, args, rank, log)
-        os.makedirs(args.output_dir, exist_ok=True)
         raw_model = model  # the network itself: what is saved and evaluated
         ddp = args.world_size > 1
         if ddp:
@@ -255,9 +246,11 @@ def main(argv=None):
 
         # ---- the loop: one optimizer step per iteration; logs every --log-every steps; validation each epoch ------
         params = [p for p in raw_model.parameters() if p.requires_grad]
-        sums = torch.zeros(4, device=device)  # over good steps: loss, grad norm; good steps, skipped steps
-        bad_run = torch.zeros((), device=device)  # consecutive skipped steps
-        n_bad_images = 0  # unreadable files the loader skipped (a CPU count)
+        # summed on the device over the log interval, then over ranks at the log (the one host sync):
+        # [0] loss and [1] grad norm over the good steps, [2] good steps, [3] skipped steps
+        sums = torch.zeros(4, device=device)
+        bad_run = torch.zeros((), device=device)  # consecutive skipped steps (not reset at a log)
+        n_bad = torch.zeros((), dtype=torch.long)  # unreadable files the loader skipped (CPU, summed without a sync)
         batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
         pbar = engine.progress(total=total_steps, initial=start_step, desc=name)
         logged = start_step
@@ -268,31 +261,14 @@ def main(argv=None):
         for step in range(start_step, total_steps):
             for g in optimizer.param_groups:
                 g['lr'] = lrs[step] * g['lr_scale']
-            step_loss = torch.zeros((), device=device)
-            for micro in range(args.accum_iter):
-                imgs, labels, n_bad = next(batches)
-                imgs = imgs.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                if channels_last:
-                    imgs = imgs.contiguous(memory_format=torch.channels_last)
-                imgs, targets = mix_targets(imgs, labels, mixer, args.num_classes, args.smoothing)
-                last = micro == args.accum_iter - 1
-                with model.no_sync() if ddp and not last else contextlib.nullcontext():  # all-reduce on the last
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        logits = model(imgs)
-                    loss = criterion(logits, targets)
-                    scaler.scale(loss / args.accum_iter).backward()
-                step_loss += loss.detach() / args.accum_iter
-                n_bad_images += int(n_bad.sum())
-            scaler.unscale_(optimizer)
-            norm = engine.grad_norm(params)  # fp64: finite exactly when every gradient is
-            if args.clip_grad:
-                torch.nn.utils.clip_grads_with_norm_(params, args.clip_grad, norm)
-            scaler.step(optimizer)  # skipped when a gradient is inf / NaN
-            scaler.update(None if dtype == torch.float16 else 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            good = norm.isfinite()
-            sums[:2] += torch.where(good, torch.stack([step_loss.float(), norm.float()]), 0.0)
+            micro_batches = []
+            for _ in range(args.accum_iter):
+                imgs, labels, skipped_files = next(batches)
+                micro_batches.append((imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
+                n_bad += skipped_files.sum()
+            loss, norm = finetune_step(model, micro_batches, optimizer, scaler, params, criterion, mixer, args, dtype)
+            good = norm.isfinite()  # a skipped step adds to the counts only
+            sums[:2] += torch.where(good, torch.stack([loss.float(), norm.float()]), 0.0)
             sums[2] += good.float()
             sums[3] += (~good).float()
             bad_run = torch.where(good, 0.0, bad_run + 1)
@@ -300,10 +276,10 @@ def main(argv=None):
 
             done = step + 1
             end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
-            if done % args.log_every == 0 or end_of_epoch:
-                # host sync: the one per log interval; sums over the interval's steps and over ranks
-                totals = engine.sum_over_ranks(torch.cat([sums, bad_run.view(1), torch.tensor([n_bad_images],
-                                                                                              device=device)])).tolist()
+            saving = end_of_epoch or (args.save_every_steps and done % args.save_every_steps == 0)
+            if done % args.log_every == 0 or saving:  # a checkpoint closes the interval: a resume starts anew
+                # host sync: the one per log interval; [sums, bad_run, n_bad] summed over ranks
+                totals = engine.sum_over_ranks(torch.cat([sums, bad_run.view(1), n_bad.to(device).view(1)])).tolist()
                 log['skipped_steps'] += round(totals[3] / args.world_size)
                 log['n_bad_images'] += round(totals[5])
                 now = time.time()
@@ -314,7 +290,7 @@ def main(argv=None):
                 logged = done
                 t_log = now
                 sums.zero_()
-                n_bad_images = 0
+                n_bad.zero_()
                 if engine.is_main():
                     engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
                     pbar.write(f"step {done}/{total_steps}: loss {record['loss']:.4f}, grad norm "
@@ -356,6 +332,35 @@ def main(argv=None):
                   f"{engine.CHECKPOINT}, log.jsonl")
         results[name] = dict(last, best_acc1=log['best_acc1'], best_epoch=log['best_epoch'])
     return finish(results, args, demo, len(train_set))
+
+
+def finetune_step(model, micro_batches, optimizer, scaler, params, criterion, mixer, args, dtype):
+    """One optimizer step of fine-tuning or the linear probe (Tables 10-11) -> (the micro-batch mean loss [0-dim],
+    the global grad norm [0-dim] fp64, inf / NaN when the step was skipped), on the device, no host sync.
+
+    micro_batches: (imgs [B, 3, S, S], labels [B]) per micro-batch, on the device; model: the network or its DDP
+    wrapper. Mixup / CutMix and label smoothing make the targets; gradients are all-reduced on the last only."""
+    ddp = isinstance(model, DistributedDataParallel)
+    step_loss = 0.0
+    for i, (imgs, labels) in enumerate(micro_batches):
+        if args.arch == 'resnet50':
+            imgs = imgs.contiguous(memory_format=torch.channels_last)  # the layout cuDNN is fastest in
+        imgs, targets = mix_targets(imgs, labels, mixer, args.num_classes, args.smoothing)
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+            with torch.autocast(imgs.device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(imgs)
+            loss = criterion(logits, targets)  # fp32: the criteria cast the logits
+            scaler.scale(loss / len(micro_batches)).backward()  # fp16: scaled against underflow
+        step_loss = step_loss + loss.detach() / len(micro_batches)
+    scaler.unscale_(optimizer)  # true gradients for the norm and the clip; finds inf / NaN
+    norm = engine.grad_norm(params)  # fp64: finite exactly when every gradient is
+    if args.clip_grad:  # in the gradients' dtype: CUDA's multi-tensor multiply needs its scalar to match
+        torch.nn.utils.clip_grads_with_norm_(params, args.clip_grad, norm.to(params[0].dtype))
+    scaler.step(optimizer)  # skipped when a gradient is inf / NaN (a device-side check: fused optimizers)
+    scaler.update(None if dtype == torch.float16 else 1.0)  # bf16 / fp32: the scale stays 1
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, norm
 
 
 def mean_or_nan(total, n):
@@ -613,6 +618,17 @@ def build_model(args, device):
     if args.linear_probe:
         model = LinearProbe(model, args.num_classes)
     return model.to(device)
+
+
+def build_optimizer(model, args, lr):
+    """Fine-tuning: AdamW with BEiT's layer-wise lr decay for a ViT (Table 10), no weight decay on norms, biases and
+    embeddings. The probe: LARS (MAE's) is not in torch; for one linear layer, SGD + momentum (MoCo v3, DINO).
+    Both fused: GradScaler then skips a non-finite step on the device (unfused, it reads found_inf on the host)."""
+    if args.linear_probe:
+        return torch.optim.SGD(engine.param_groups(model, args.weight_decay), lr=lr, momentum=0.9, fused=True)
+    decay = engine.layer_decay(len(model.blocks), args.layer_decay) if cim.is_vit(model) else None
+    groups = engine.param_groups(model, args.weight_decay, cim.NO_WEIGHT_DECAY_KEYS, decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(args.betas), fused=True)
 
 
 def build_classifier(arch, num_classes, img_size=224, patch_size=16, drop_path=0.0):

@@ -27,7 +27,6 @@ checkpoint-best.pth, stepNNNNNN.png (image / ground truth / prediction at each e
 import contextlib
 import math
 import os
-import random
 import time
 
 import numpy as np
@@ -174,20 +173,18 @@ def main(argv=None):
 
         # model (the weights are checked as they load), optimizer, resume, then the DDP wrap
         torch.manual_seed(args.seed)
-        model = build_model(args, device)
+        model = build_model(args, sync_bn=args.world_size > 1 and device.type == 'cuda').to(device)
         optimizer = build_optimizer(model, args)
         # fp16: dynamic loss scaling. bf16 / fp32: the scale stays 1 and the scaler does the other half of its job,
         # skipping a step whose gradients are not finite, on the device (no host sync)
         scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == torch.float16 else 1.0)
-        torch.manual_seed(args.seed + rank)  # from here on, dropout and stochastic depth differ across ranks
-        random.seed(args.seed + rank)
-        np.random.seed(args.seed + rank)
+        engine.seed_rank(args.seed, rank)  # from here on, dropout and stochastic depth differ across ranks
         log = dict(n_bad_images=0, skipped_steps=0, best_mIoU=-1.0, best_step=0, last={})
         start_step = 0
+        engine.lock_output_dir(args.output_dir)  # one live run per folder
         ckpt = args.resume or engine.find_checkpoint(args.output_dir)
         if ckpt:
             start_step = resume(ckpt, model, optimizer, scaler, args, rank, log)
-        os.makedirs(args.output_dir, exist_ok=True)
         raw_model = model  # the network itself: what is saved, evaluated and drawn
         ddp = args.world_size > 1
         if ddp:
@@ -202,9 +199,11 @@ def main(argv=None):
         # ---- the loop: one optimizer step per iteration; logs every --log-every, evaluates every --eval-every ----
         params = [p for p in raw_model.parameters() if p.requires_grad]
         keys = ('loss', 'aux_loss', 'grad_norm') if args.arch == 'resnet50' else ('loss', 'grad_norm')
-        sums = torch.zeros(len(keys) + 2, device=device)  # metrics of the good steps, good steps, skipped steps
-        bad_run = torch.zeros((), device=device)           # consecutive skipped steps
-        n_bad_images = 0                                   # unreadable files the loader skipped (a CPU count)
+        # summed on the device over the log interval, then over ranks at the log (the one host sync):
+        # [0:K] each key's sum over the good steps, [K] good steps, [K+1] skipped steps
+        sums = torch.zeros(len(keys) + 2, device=device)
+        bad_run = torch.zeros((), device=device)  # consecutive skipped steps (not reset at a log)
+        n_bad = torch.zeros((), dtype=torch.long)  # unreadable files the loader skipped (CPU, summed without a sync)
         batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
         pbar = engine.progress(total=args.max_steps, initial=start_step, desc='train')
         logged = start_step
@@ -213,39 +212,24 @@ def main(argv=None):
         for step in range(start_step, args.max_steps):
             for g in optimizer.param_groups:
                 g['lr'] = lrs[step] * g['lr_scale']
-            step_metrics = torch.zeros(len(keys) - 1, device=device)
-            for micro in range(args.accum_iter):
-                imgs, masks, n_bad = next(batches)
-                imgs = imgs.to(device, non_blocking=True)
-                masks = masks.to(device, non_blocking=True).long()
-                if args.arch == 'resnet50':
-                    imgs = imgs.contiguous(memory_format=torch.channels_last)
-                last = micro == args.accum_iter - 1
-                with model.no_sync() if ddp and not last else contextlib.nullcontext():  # all-reduce on the last
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        outs = model(imgs)  # [decode head logits, auxiliary head logits (FCN)], [B, C, H, W] each
-                    losses = [seg_loss(o, masks) for o in outs]
-                    loss = losses[0] + sum(args.aux_weight * aux for aux in losses[1:])  # mmseg: aux weight 0.4
-                    scaler.scale(loss / args.accum_iter).backward()
-                step_metrics += torch.stack([loss.detach()] + [aux.detach() for aux in losses[1:]]) / args.accum_iter
-                n_bad_images += int(n_bad.sum())
-            scaler.unscale_(optimizer)
-            norm = engine.grad_norm(params)  # fp64: finite exactly when every gradient is (no clipping: mmseg, BEiT)
-            scaler.step(optimizer)  # skipped when a gradient is inf / NaN
-            scaler.update(None if dtype == torch.float16 else 1.0)
-            optimizer.zero_grad(set_to_none=True)
-            good = norm.isfinite()
-            sums[:-2] += torch.where(good, torch.cat([step_metrics, norm.float().view(1)]), 0.0)
+            micro_batches = []
+            for _ in range(args.accum_iter):
+                imgs, masks, skipped_files = next(batches)
+                micro_batches.append((imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)))
+                n_bad += skipped_files.sum()
+            metrics, norm = segment_step(model, micro_batches, optimizer, scaler, params, args, dtype)
+            good = norm.isfinite()  # a skipped step adds to the counts only
+            sums[:-2] += torch.where(good, torch.cat([metrics, norm.float().view(1)]), 0.0)
             sums[-2] += good.float()
             sums[-1] += (~good).float()
             bad_run = torch.where(good, 0.0, bad_run + 1)
             pbar.update()
 
             done = step + 1
-            if done % args.log_every == 0 or done == args.max_steps:
-                # host sync: the one per log interval; metrics summed over the interval's steps and over ranks
-                n_bad_t = torch.tensor([n_bad_images], device=device)
-                totals = engine.sum_over_ranks(torch.cat([sums, bad_run.view(1), n_bad_t])).tolist()
+            saving = done == args.max_steps or (args.save_every_steps and done % args.save_every_steps == 0)
+            if done % args.log_every == 0 or saving:  # a checkpoint closes the interval: a resume starts anew
+                # host sync: the one per log interval; [sums, bad_run, n_bad] summed over ranks
+                totals = engine.sum_over_ranks(torch.cat([sums, bad_run.view(1), n_bad.to(device).view(1)])).tolist()
                 n_good = totals[len(keys)]
                 log['skipped_steps'] += round(totals[len(keys) + 1] / args.world_size)
                 log['n_bad_images'] += round(totals[-1])
@@ -258,7 +242,7 @@ def main(argv=None):
                 logged = done
                 t_log = now
                 sums.zero_()
-                n_bad_images = 0
+                n_bad.zero_()
                 if engine.is_main():
                     engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
                     aux = f" (aux {record['aux_loss']:.4f})" if 'aux_loss' in record else ''
@@ -287,7 +271,7 @@ def main(argv=None):
                     pbar.write(f"step {done}/{args.max_steps}: val mIoU {m['mIoU']:.2f}, aAcc {m['aAcc']:.2f}, mAcc "
                                f"{m['mAcc']:.2f} (best mIoU {log['best_mIoU']:.2f} at step {log['best_step']}) {png}")
                 model.train()
-            if done == args.max_steps or (args.save_every_steps and done % args.save_every_steps == 0):
+            if saving:
                 engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done)
         pbar.close()
 
@@ -746,10 +730,11 @@ class LinearViT(nn.Module):
         return [upsample(logits, (H, W))]
 
 
-def build_model(args, device):
+def build_model(args, sync_bn=False):
     """FCN (resnet50) or LinearViT at --img-size, --init loaded into the backbone (ViT position embeddings
-    interpolated by engine.load_pretrained; a file that does not fit is a UserError), stochastic depth (ViT: in
-    its blocks; ResNet: engine's hooks), SyncBatchNorm under DDP on GPUs."""
+    interpolated by engine.load_pretrained; a file that does not fit is a UserError), SyncBatchNorm if sync_bn
+    (DDP on GPUs), stochastic depth (ViT: in its blocks; ResNet: engine's hooks, added after the SyncBatchNorm
+    conversion, which makes new modules without them). On the CPU."""
     if args.arch == 'resnet50':
         model = FCN(args.num_classes).to(memory_format=torch.channels_last)
     else:
@@ -757,11 +742,11 @@ def build_model(args, device):
         model = LinearViT(backbone, args.num_classes)
     if args.init != 'none':
         engine.load_pretrained(model.backbone, engine.read_weights(args.init)[0], f"'{args.init}'")
+    if sync_bn:  # SyncBatchNorm needs GPUs: on CPU / gloo BatchNorm stays
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.arch == 'resnet50':
         engine.add_stochastic_depth(model.backbone, args.drop_path)
-    if args.world_size > 1 and device.type == 'cuda':  # SyncBatchNorm needs GPUs: on CPU / gloo BatchNorm stays
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(device)
+    return model
 
 
 def build_optimizer(model, args):
@@ -774,6 +759,33 @@ def build_optimizer(model, args):
         return torch.optim.AdamW(groups, lr=args.lr, betas=tuple(args.betas), fused=True)
     group = dict(params=[p for p in model.parameters() if p.requires_grad], lr_scale=1.0)
     return torch.optim.SGD([group], lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, fused=True)
+
+
+def segment_step(model, micro_batches, optimizer, scaler, params, args, dtype):
+    """One optimizer step (mmseg's / BEiT's schedules: no clipping) -> (the micro-batch means [loss(, aux loss)],
+    the global grad norm [0-dim] fp64, inf / NaN when the step was skipped), on the device, no host sync.
+
+    micro_batches: (imgs [B, 3, S, S], masks [B, S, S]) per micro-batch, on the device; model: FCN / LinearViT or
+    its DDP wrapper. The FCN's auxiliary head adds aux_weight x its loss; gradients are all-reduced on the last."""
+    ddp = isinstance(model, DistributedDataParallel)
+    metrics = 0.0
+    for i, (imgs, masks) in enumerate(micro_batches):
+        if args.arch == 'resnet50':
+            imgs = imgs.contiguous(memory_format=torch.channels_last)  # the layout cuDNN is fastest in
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+            with torch.autocast(imgs.device.type, dtype=dtype, enabled=dtype is not None):
+                outs = model(imgs)  # [decode head logits, auxiliary head logits (FCN)], [B, C, H, W] each
+            losses = [seg_loss(o, masks.long()) for o in outs]  # fp32
+            loss = losses[0] + sum(args.aux_weight * aux for aux in losses[1:])  # mmseg: aux weight 0.4
+            scaler.scale(loss / len(micro_batches)).backward()  # fp16: scaled against underflow
+        metrics = metrics + torch.stack([loss.detach()] + [aux.detach() for aux in losses[1:]]) / len(micro_batches)
+    scaler.unscale_(optimizer)  # true gradients for the norm; finds inf / NaN
+    norm = engine.grad_norm(params)  # fp64: finite exactly when every gradient is (no clipping: mmseg, BEiT)
+    scaler.step(optimizer)  # skipped when a gradient is inf / NaN (a device-side check: fused optimizers)
+    scaler.update(None if dtype == torch.float16 else 1.0)  # bf16 / fp32: the scale stays 1
+    optimizer.zero_grad(set_to_none=True)
+    return metrics, norm
 
 
 def seg_loss(logits, target):
@@ -848,7 +860,13 @@ def validate(model, loader, args, device, dtype):
     def sums(img, mask):  # img: [1, 3, h, w] at the test scale, mask: [1, H, W] at the annotation's size
         logits = upsample(infer(model, img, args).float(), mask.shape[-2:])
         return dict(hist=confusion_matrix(logits.argmax(1), mask.long(), args.num_classes), n=len(mask))
-    s = engine.evaluate(sums, loader, device, dtype, desc='val')
+    # whole images come in many sizes: cuDNN's autotuning would time every conv anew at each new one
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = benchmark and args.eval_mode != 'whole'
+    try:
+        s = engine.evaluate(sums, loader, device, dtype, desc='val')
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     return dict(segmentation_metrics(s['hist']), n_val=int(s['n']))
 
 

@@ -25,7 +25,6 @@ import os
 import random
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
@@ -152,15 +151,14 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == torch.float16 else 1.0)
 
     # resume (the checkpoint holds every rank's RNG state), then the DDP wrap
-    torch.manual_seed(args.seed + rank)  # from here on, masks and samples differ across ranks
-    random.seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    log = dict(n_bad_images=0, skipped_steps=0)
+    engine.seed_rank(args.seed, rank)  # from here on, masks and samples differ across ranks
+    # epoch_totals: the epoch's log totals so far, in the checkpoint so that a resumed epoch's summary is whole
+    log = dict(n_bad_images=0, skipped_steps=0, epoch_totals=None)
     start_step = 0
+    engine.lock_output_dir(args.output_dir)  # one live run per folder
     ckpt = args.resume or engine.find_checkpoint(args.output_dir)
     if ckpt:
         start_step = resume(ckpt, model, optimizer, scaler, args, rank, log)
-    os.makedirs(args.output_dir, exist_ok=True)
     if args.compile:
         model.compile()
     raw_model = model  # the CIM module itself: what is saved, evaluated and drawn
@@ -178,11 +176,12 @@ def main(argv=None):
 
     # ---- the loop: one optimizer step per iteration; logs every --log-every steps; checkpoints ------------------
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    keys = LOG_KEYS + (REVDET_KEYS if args.task == 'revdet' else ()) + ('grad_norm',)
-    sums = torch.zeros(len(keys) + 2, device=device)  # metrics of the good steps, good steps, skipped steps
-    bad_run = torch.zeros((), device=device)           # consecutive skipped steps
-    n_bad_images = 0                                   # unreadable files the loader skipped (a CPU count)
-    epoch_totals = [0.0] * len(sums)
+    keys = LOG_KEYS + (REVDET_KEYS if args.task == 'revdet' else ())
+    # summed on the device over the log interval's steps, then over ranks at the log (the one host sync):
+    # [0:K] each key's sum and [K] the grad norm's over the good steps, [K+1] good steps, [K+2] skipped steps
+    sums = torch.zeros(len(keys) + 3, device=device)
+    bad_run = torch.zeros((), device=device)  # consecutive skipped steps (not reset at a log)
+    n_bad = torch.zeros((), dtype=torch.long)  # unreadable files the loader skipped (CPU, summed without a sync)
     batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
     pbar = engine.progress(total=total_steps, initial=start_step, desc='train')
     logged = start_step
@@ -192,28 +191,14 @@ def main(argv=None):
     for step in range(start_step, total_steps):
         for g in optimizer.param_groups:
             g['lr'] = lrs[step] * g['lr_scale']
-        step_metrics = torch.zeros(len(keys) - 1, device=device)
-        for micro in range(args.accum_iter):
-            views, _, n_bad = next(batches)
-            imgs = views[0].to(device, non_blocking=True)
-            tok_imgs = views[1].to(device, non_blocking=True)
-            mask = views[2].to(device, non_blocking=True) if len(views) > 2 else None  # --mask-type block
-            last = micro == args.accum_iter - 1
-            with model.no_sync() if ddp and not last else contextlib.nullcontext():  # all-reduce on the last only
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    out = model(imgs, tok_imgs, mask)
-                scaler.scale(out['loss'] / args.accum_iter).backward()
-            step_metrics += torch.stack([out[k].detach().float() for k in keys[:-1]]) / args.accum_iter
-            n_bad_images += int(n_bad.sum())
-        scaler.unscale_(optimizer)
-        norm = engine.grad_norm(params)  # fp64: finite exactly when every gradient is
-        if args.clip_grad:
-            torch.nn.utils.clip_grads_with_norm_(params, args.clip_grad, norm)
-        scaler.step(optimizer)  # skipped when a gradient is inf / NaN
-        scaler.update(None if dtype == torch.float16 else 1.0)
-        optimizer.zero_grad(set_to_none=True)
-        good = norm.isfinite()
-        sums[:-2] += torch.where(good, torch.cat([step_metrics, norm.float().view(1)]), 0.0)
+        micro_batches = []
+        for _ in range(args.accum_iter):
+            views, _, skipped_files = next(batches)
+            micro_batches.append([v.to(device, non_blocking=True) for v in views])  # imgs, tok_imgs(, block mask)
+            n_bad += skipped_files.sum()
+        metrics, norm = train_step(model, micro_batches, optimizer, scaler, params, keys, args.clip_grad, dtype)
+        good = norm.isfinite()  # a skipped step adds to the counts only: its metrics may be inf / NaN
+        sums[:-2] += torch.where(good, torch.cat([metrics, norm.float().view(1)]), 0.0)
         sums[-2] += good.float()
         sums[-1] += (~good).float()
         bad_run = torch.where(good, 0.0, bad_run + 1)
@@ -221,12 +206,12 @@ def main(argv=None):
 
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
-        if done % args.log_every == 0 or end_of_epoch:
-            # host sync: the one per log interval; metrics summed over the interval's steps and over ranks
-            totals = engine.sum_over_ranks(torch.cat([sums, bad_run.view(1), torch.tensor([n_bad_images],
-                                                                                          device=device)])).tolist()
-            epoch_totals = [a + b for a, b in zip(epoch_totals, totals)]
-            log['skipped_steps'] += round(totals[len(keys) + 1] / args.world_size)
+        saving = end_of_epoch or (args.save_every_steps and done % args.save_every_steps == 0)
+        if done % args.log_every == 0 or saving:  # a checkpoint closes the interval: a resume starts a new one
+            # host sync: the one per log interval; [sums, bad_run, n_bad] summed over ranks
+            totals = engine.sum_over_ranks(torch.cat([sums, bad_run.view(1), n_bad.to(device).view(1)])).tolist()
+            log['epoch_totals'] = [a + b for a, b in zip(log['epoch_totals'] or [0.0] * len(sums), totals)]
+            log['skipped_steps'] += round(totals[len(keys) + 2] / args.world_size)
             log['n_bad_images'] += round(totals[-1])
             now = time.time()
             record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step],
@@ -235,29 +220,29 @@ def main(argv=None):
             logged = done
             t_log = now
             sums.zero_()
-            n_bad_images = 0
+            n_bad.zero_()
             if engine.is_main():
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
                 pbar.write(f'step {done}/{total_steps}: {log_line(record)}')
-            if totals[len(keys) + 2] / args.world_size >= args.max_bad_steps:
+            if totals[-2] / args.world_size >= args.max_bad_steps:
                 raise engine.TrainingError(f'{args.max_bad_steps} consecutive steps had a non-finite loss or '
                                            f'gradients and were skipped; stopped at step {done} (the last good '
                                            f'checkpoint is in {args.output_dir}); try a lower --blr or --lr')
         if end_of_epoch:
             epoch = -(-done // steps_per_epoch)
+            epoch_means = metric_means(keys, log['epoch_totals'])
+            log['epoch_totals'] = None  # the next epoch's start
+        if saving:
             save(raw_model, optimizer, scaler, args, done, log)
-            if engine.is_main():
-                n_steps = done - (epoch - 1) * steps_per_epoch
-                pbar.write(f'epoch {epoch} done ({done}/{total_steps} steps): '
-                           f'{log_line(metric_means(keys, epoch_totals))}, '
-                           f'{n_steps * total_batch / (time.time() - t_epoch):.1f} img/s, '
-                           f'{(time.time() - t_epoch) / 60:.1f} min')
-                if args.vis_every and (epoch % args.vis_every == 0 or done == total_steps):
-                    pbar.write(f'figures: {save_figures(raw_model, vis_batch, args, epoch, device, dtype)}')
-            epoch_totals = [0.0] * len(sums)
+        if end_of_epoch and engine.is_main():
+            n_steps = done - max(start_step, (epoch - 1) * steps_per_epoch)
+            pbar.write(f'epoch {epoch} done ({done}/{total_steps} steps): {log_line(epoch_means)}, '
+                       f'{n_steps * total_batch / (time.time() - t_epoch):.1f} img/s, '
+                       f'{(time.time() - t_epoch) / 60:.1f} min')
+            if args.vis_every and (epoch % args.vis_every == 0 or done == total_steps):
+                pbar.write(f'figures: {save_figures(raw_model, vis_batch, args, epoch, device, dtype)}')
+        if end_of_epoch:
             t_epoch = time.time()
-        elif args.save_every_steps and done % args.save_every_steps == 0:
-            save(raw_model, optimizer, scaler, args, done, log)
     pbar.close()
     if engine.is_main():
         print(f'done: {os.path.join(args.output_dir, engine.CHECKPOINT)} and log.jsonl')
@@ -265,10 +250,36 @@ def main(argv=None):
             demo_eval(raw_model, train_set, args, device, dtype)
 
 
+def train_step(model, micro_batches, optimizer, scaler, params, keys, clip_grad, dtype):
+    """One optimizer step (Sec. 2.3; Table 9's AdamW and clipping) -> (the micro-batch mean of out[k] for k in keys
+    [K], the global grad norm [0-dim] fp64, inf / NaN when the step was skipped), on the device, no host sync.
+
+    micro_batches: [imgs, tok_imgs] or [imgs, tok_imgs, mask] per micro-batch, on the device; model: the CIM, or
+    its DDP wrapper. Gradients are accumulated over the micro-batches and all-reduced on the last one only."""
+    ddp = isinstance(model, DistributedDataParallel)
+    metrics = 0.0
+    for i, views in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+            with torch.autocast(views[0].device.type, dtype=dtype, enabled=dtype is not None):
+                out = model(*views)  # generator + enhancer losses, Sec. 2.3
+            scaler.scale(out['loss'] / len(micro_batches)).backward()  # fp16: scaled against underflow
+        metrics = metrics + torch.stack([out[k].detach().float() for k in keys]) / len(micro_batches)
+    scaler.unscale_(optimizer)  # true gradients for the norm and the clip; finds inf / NaN
+    norm = engine.grad_norm(params)  # fp64: finite exactly when every gradient is
+    if clip_grad:  # in the gradients' dtype: CUDA's multi-tensor multiply needs its scalar to match
+        torch.nn.utils.clip_grads_with_norm_(params, clip_grad, norm.to(params[0].dtype))
+    scaler.step(optimizer)  # skipped when a gradient is inf / NaN (a device-side check: fused AdamW)
+    scaler.update(None if dtype == torch.float16 else 1.0)  # bf16 / fp32: the scale stays 1
+    optimizer.zero_grad(set_to_none=True)
+    return metrics, norm
+
+
 def metric_means(keys, totals):
-    """{key: mean over the good steps} from totals = [sum of each key ..., number of good steps, ...]."""
-    n = totals[len(keys)]
-    return {k: totals[i] / n if n else float('nan') for i, k in enumerate(keys)}
+    """{key: mean over the good steps, 'grad_norm': likewise} from totals = [each key's sum ..., the grad norm's,
+    number of good steps, ...]."""
+    n = totals[len(keys) + 1]
+    return {k: totals[i] / n if n else float('nan') for i, k in enumerate(keys + ('grad_norm',))}
 
 
 def log_line(r):

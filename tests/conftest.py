@@ -1,12 +1,15 @@
 """Shared test helpers: tiny models and data built in the test, never downloaded."""
 import gzip
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import dvae
+import engine
 
 
 def tiny_tokenizer(vocab_size=512, n_hid=8, group_count=3, seed=0):
@@ -50,3 +53,56 @@ def fashion_mnist_dir(tmp_path_factory):
         del os.environ['CIM_FASHION_MNIST']
     else:
         os.environ['CIM_FASHION_MNIST'] = old
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run 'killed' inside the test process, for the resume tests
+
+class Preempted(Exception):
+    """What the patched save or log raises: the job killed right after a checkpoint (or a log record)."""
+
+
+def release_output_locks():
+    """What a process's death does to its output-folder locks (engine.lock_output_dir): a run 'killed' inside the
+    test process lets go of its folder, so that the rerun (often a subprocess) may take it."""
+    for f in engine._held.values():
+        f.close()
+    engine._held.clear()
+
+
+@pytest.fixture(autouse=True)
+def _release_output_locks():
+    yield
+    release_output_locks()
+
+
+def preempt_after(monkeypatch, n, name='save_training_state', when=lambda kwargs, record: True):
+    """engine.save_training_state (or engine.log_jsonl) as it is, but the process 'dies' (Preempted, locks released)
+    right after its n-th call for which when(kwargs, record) holds. -> the list of those calls' steps."""
+    real = getattr(engine, name)
+    steps = []
+
+    def patched(*args, **kwargs):
+        real(*args, **kwargs)
+        record = args[1] if name == 'log_jsonl' else None
+        if when(kwargs, record):
+            steps.append(record['step'] if record else kwargs['step'])
+            if len(steps) == n:
+                release_output_locks()
+                raise Preempted(f'killed after step {steps[-1]}')
+    monkeypatch.setattr(engine, name, patched)
+    return steps
+
+
+@pytest.fixture
+def held_dir(tmp_path):
+    """An output folder that another live process holds (engine.lock_output_dir), as the workers of a torchrun that
+    was killed without them would. -> (its path, the process)."""
+    out = tmp_path / 'held'
+    code = f"import engine, time; engine.lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(120)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.Popen([sys.executable, '-c', code], cwd=root, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == 'locked'
+    yield out, p
+    p.kill()
+    p.wait()

@@ -1,5 +1,6 @@
 """engine.py: each piece against a hand-computed or brute-force reference."""
 import argparse
+import json
 import math
 import os
 import random
@@ -346,3 +347,36 @@ def test_cli_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
         engine.run_cli(lambda: 1 / 0)
     with pytest.raises(ValueError):                                        # nor a plain ValueError (a bug)
         engine.run_cli(lambda: int('x'))
+
+
+def test_a_live_run_holds_its_output_folder_until_it_dies(held_dir):
+    """engine.lock_output_dir: a folder another live process holds is refused with one line naming that process;
+    once the process is gone (killed: its lock dies with it), the folder can be taken."""
+    out, p = held_dir
+    with pytest.raises(engine.UserError, match=f'in use by a live run \\(process {p.pid}\\)'):
+        engine.lock_output_dir(str(out))
+    p.kill()
+    p.wait()
+    engine.lock_output_dir(str(out))
+    engine.lock_output_dir(str(out))  # this process holds it: taking it again is fine (a demo's second run)
+
+
+def test_neighbouring_seeds_do_not_share_rank_streams():
+    """engine.seed_rank: rank 1 of seed s draws other masks and samples than rank 0 of seed s + 1 (seed + rank did
+    not); rank 0 keeps the seed itself, so a one-process run is unchanged."""
+    def draws(seed, rank):
+        engine.seed_rank(seed, rank)
+        return torch.rand(4).tolist() + [float(np.random.rand()), random.random()]
+    assert draws(3, 1) != draws(4, 0) and draws(3, 1) != draws(3, 0) and draws(3, 1) == draws(3, 1)
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    plain = torch.rand(4).tolist() + [float(np.random.rand()), random.random()]
+    assert draws(3, 0) == plain
+
+
+def test_truncate_log_drops_records_after_the_checkpoint(tmp_path):
+    path = tmp_path / 'log.jsonl'
+    path.write_text(''.join(json.dumps(r) + '\n' for r in ({'step': 2}, {'step': 3, 'epoch': 1}, {'step': 5})))
+    engine.truncate_log(str(path), 3)
+    assert [json.loads(x)['step'] for x in path.read_text().splitlines()] == [2, 3]

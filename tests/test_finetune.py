@@ -14,6 +14,7 @@ from PIL import Image
 import cim
 import engine
 import finetune as ft
+from conftest import Preempted, preempt_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -321,24 +322,6 @@ def read_log(out):
     return [json.loads(x) for x in open(os.path.join(out, 'log.jsonl'))]
 
 
-class Preempted(Exception):
-    pass
-
-
-def preempt_after_saves(monkeypatch, n):
-    """engine.save_training_state, the real one, then a Preempted exception right after its n-th call."""
-    real = engine.save_training_state
-    steps = []
-
-    def save(*args, **kwargs):
-        real(*args, **kwargs)
-        steps.append(kwargs['step'])
-        if len(steps) == n:
-            raise Preempted(f"preempted after saving step {kwargs['step']}")
-    monkeypatch.setattr(engine, 'save_training_state', save)
-    return steps
-
-
 def test_finetune_end_to_end_learns_toy_set_and_resumes_exactly(toy, micro, tmp_path, monkeypatch, capsys):
     init = micro('vit_tiny')
     argv = ['--data', toy, '--arch', 'vit_tiny', '--init', init, '--epochs', '3', '--lr', '2e-3',
@@ -352,14 +335,18 @@ def test_finetune_end_to_end_learns_toy_set_and_resumes_exactly(toy, micro, tmp_
     assert best['acc1'] == res['best_acc1'] and best['epoch'] == res['best_epoch']
     out = capsys.readouterr().out
     assert 'epoch 2/3: val top-1' in out and 'img/s' in out and '\r' not in out  # per-epoch summary, no bar
-    # exact resume: preempted after the save at step 4 (mid-epoch: 6 steps per epoch), rerun, same parameters
+    # exact resume: killed after logging step 6, past the save at step 4 (6 steps per epoch), rerun: the same
+    # parameters, and log.jsonl record for record (timings aside; the step-6 record not twice)
     with monkeypatch.context() as m:
-        saved = preempt_after_saves(m, 2)
+        preempt_after(m, 1, 'log_jsonl', when=lambda kwargs, record: record.get('step') == 6)
         with pytest.raises(Preempted):
             ft.main(argv + ['--output-dir', str(tmp_path / 'b')])
-    assert saved == [2, 4] and torch.load(tmp_path / 'b' / engine.CHECKPOINT, weights_only=True)['step'] == 4
+    assert torch.load(tmp_path / 'b' / engine.CHECKPOINT, weights_only=True)['step'] == 4
+    assert [x['step'] for x in read_log(tmp_path / 'b')][-1] == 6
     res2 = ft.main(argv + ['--output-dir', str(tmp_path / 'b')])
     assert "at step 4" in capsys.readouterr().out
+    timeless = [[{k: v for k, v in x.items() if k != 'imgs_per_s'} for x in read_log(tmp_path / d)] for d in 'ab']
+    assert timeless[0] == timeless[1]
     a, b = (torch.load(tmp_path / d / engine.CHECKPOINT, weights_only=True)['model'] for d in 'ab')
     assert all(torch.equal(a[k], b[k]) for k in a) and res2['acc1'] == res['acc1']
     assert not torch.equal(a['blocks.0.mlp.fc1.weight'], torch.load(init, weights_only=True)['blocks.0.mlp.fc1.weight'])
@@ -539,3 +526,11 @@ def test_bad_inputs_give_one_line_errors(toy, tmp_path, monkeypatch):
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'finetune.py')] + argv, cwd=tmp_path, capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith('error: ') and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_a_second_run_in_a_live_runs_folder_is_refused(toy, micro, held_dir):
+    out, p = held_dir
+    with pytest.raises(engine.UserError, match=f'in use by a live run \\(process {p.pid}\\)'):
+        ft.main(['--data', toy, '--arch', 'vit_tiny', '--init', micro('vit_tiny'), '--epochs', '1',
+                 '--output-dir', str(out)] + TOY)
+    assert not (out / engine.CHECKPOINT).exists()

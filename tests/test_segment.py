@@ -17,6 +17,7 @@ from torchvision import tv_tensors
 import cim
 import engine
 import segment as seg
+from conftest import Preempted, preempt_after
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRIMARIES = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255]], np.uint8)  # label k -> a pure colour
@@ -387,21 +388,6 @@ def read_log(out):
     return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
 
 
-class Preempted(Exception):
-    """What the patched save raises: the job killed right after a checkpoint was written."""
-
-
-def preempt_after_save(monkeypatch, n):
-    """engine.save_training_state as it is, but raising Preempted right after its n-th call (later calls pass)."""
-    real = engine.save_training_state
-    calls = []
-
-    def save(*args, **kwargs):
-        real(*args, **kwargs)
-        calls.append(kwargs)
-        if len(calls) == n:
-            raise Preempted(f'after the save at step {kwargs["step"]}')
-    monkeypatch.setattr(engine, 'save_training_state', save)
 
 
 def test_fcn_end_to_end_evaluates_saves_and_refuses_another_arch(ade, micro, tmp_path):
@@ -431,16 +417,18 @@ def test_fcn_end_to_end_evaluates_saves_and_refuses_another_arch(ade, micro, tmp
 
 
 def test_preempted_run_resumes_exactly(ade, micro, tmp_path, monkeypatch):
-    """Killed right after the save at step 2 (mid-epoch: 3 steps per epoch), rerun: bit-identical to an uninterrupted
-    run (bf16 autocast, stochastic depth 0.1 from the ViT recipe: the RNG states must be restored too)."""
+    """Killed after logging step 3, past the save at step 2 (mid-epoch: 3 steps per epoch), rerun: bit-identical to
+    an uninterrupted run (bf16 autocast, stochastic depth 0.1 from the ViT recipe: the RNG states must be restored
+    too), and log.jsonl equal record for record (timings aside; step 3 not twice)."""
     argv = ['--data', ade, '--arch', 'vit_tiny', '--patch-size', '8', '--init', micro('vit_tiny', 32, 8),
             '--max-steps', '5', '--warmup-steps', '1', '--eval-every', '2', '--save-every-steps', '2',
             '--amp', 'bf16'] + TINY
     res = seg.main(argv + ['--output-dir', str(tmp_path / 'a')])
-    preempt_after_save(monkeypatch, 1)
+    preempt_after(monkeypatch, 1, 'log_jsonl', when=lambda kwargs, record: record.get('step') == 3)
     with pytest.raises(Preempted):
         seg.main(argv + ['--output-dir', str(tmp_path / 'b')])
     assert torch.load(tmp_path / 'b' / engine.CHECKPOINT, weights_only=True)['step'] == 2
+    assert read_log(tmp_path / 'b')[-1]['step'] == 3
     res2 = seg.main(argv + ['--output-dir', str(tmp_path / 'b')])
     a = torch.load(tmp_path / 'a' / engine.CHECKPOINT, weights_only=True)
     b = torch.load(tmp_path / 'b' / engine.CHECKPOINT, weights_only=True)
@@ -451,7 +439,8 @@ def test_preempted_run_resumes_exactly(ade, micro, tmp_path, monkeypatch):
     log_b = read_log(tmp_path / 'b')
     assert res2 == res and [x['step'] for x in log_b if 'mIoU' in x] == [2, 4, 5]
     assert [x['step'] for x in log_b if 'loss' in x] == [1, 2, 3, 4, 5]
-    assert [x['loss'] for x in log_b if 'loss' in x] == [x['loss'] for x in read_log(tmp_path / 'a') if 'loss' in x]
+    timeless = [[{k: v for k, v in x.items() if k != 'imgs_per_s'} for x in read_log(tmp_path / d)] for d in 'ab']
+    assert timeless[0] == timeless[1]
 
 
 def test_vit_end_to_end_loads_interpolated_weights_slides_and_subsets(ade, micro, tmp_path, capsys):
@@ -566,3 +555,11 @@ def test_cli_one_line_errors_and_a_redirected_run_without_progress_bars(ade, tmp
             continue
         lines = err.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: ') and msg in lines[0], err
+
+
+def test_a_second_run_in_a_live_runs_folder_is_refused(ade, held_dir):
+    out, p = held_dir
+    with pytest.raises(engine.UserError, match=f'in use by a live run \\(process {p.pid}\\)'):
+        seg.main(['--data', ade, '--arch', 'vit_tiny', '--patch-size', '8', '--init', 'none', '--max-steps', '2',
+                  '--warmup-steps', '1', '--output-dir', str(out)] + TINY)
+    assert not (out / engine.CHECKPOINT).exists()

@@ -15,7 +15,7 @@ import cim
 import dvae
 import engine
 import train
-from conftest import tiny_tokenizer
+from conftest import Preempted, preempt_after, tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'train.py')
@@ -65,23 +65,6 @@ def read_log(out):
 
 # ---------------------------------------------------------------------------------------------------------------
 
-class Preempted(Exception):
-    pass
-
-
-def preempt_after_saves(monkeypatch, n):
-    """engine.save_training_state as is, but the process 'dies' right after its n-th checkpoint."""
-    real = engine.save_training_state
-    saves = []
-
-    def save(*args, **kwargs):
-        real(*args, **kwargs)
-        saves.append(kwargs.get('step'))
-        if len(saves) == n:
-            raise Preempted
-    monkeypatch.setattr(engine, 'save_training_state', save)
-
-
 def test_preempted_run_resumes_exactly(files, tmp_path, monkeypatch, capsys):
     """Killed mid-epoch, resumed: bit-identical to an uninterrupted run (bf16 autocast, a loader worker, figures on).
     Also from a truncated checkpoint-last (falls back to -prev). The broken image is skipped and counted."""
@@ -97,7 +80,7 @@ def test_preempted_run_resumes_exactly(files, tmp_path, monkeypatch, capsys):
     assert a.stdout.count('epoch 1 done') == 1 and 'epoch 2 done (8/8 steps)' in a.stdout
 
     with monkeypatch.context() as m:
-        preempt_after_saves(m, 6)
+        preempt_after(m, 6)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as run()'s subprocesses: CPU kernels sum in a thread-count-dependent order
         try:
@@ -125,6 +108,47 @@ def test_preempted_run_resumes_exactly(files, tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     init = cim.CIM(tiny_tokenizer(64, 8, 3), 'vit_tiny', 'respix', 16, 4).state_dict()
     assert not torch.equal(init['enhancer.blocks.0.mlp.fc1.weight'], want['model']['enhancer.blocks.0.mlp.fc1.weight'])
+
+
+def test_resumed_log_equals_the_uninterrupted_one(files, tmp_path, monkeypatch, capsys):
+    """Killed after a log record that came after its last checkpoint, then rerun: log.jsonl equals the uninterrupted
+    run's record for record (timings aside), with no repeated step, and so does the epoch summary. A checkpoint
+    closes the log interval (log every 3, save every 2: records at 2, 3, 4, 6, 8), so no partial sums are lost."""
+    def argv(out):
+        return [str(x) for x in tiny(files, tmp_path / out, '--log-every', 3, '--save-every-steps', 2, '--amp', 'none')]
+
+    def timeless(out):
+        return [{k: v for k, v in r.items() if k != 'imgs_per_s'} for r in read_log(tmp_path / out)]
+
+    def epoch_lines(text):  # 'epoch N done (...): <means>, <img/s>, <min>' without the timings
+        return [line.split(' img/s')[0].rsplit(', ', 1)[0] for line in text.splitlines() if ' done (' in line]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(argv('a'))
+        a = capsys.readouterr().out
+        with monkeypatch.context() as m:
+            preempt_after(m, 1, 'log_jsonl', when=lambda kwargs, record: record.get('step') == 3)
+            with pytest.raises(Preempted):
+                train.main(argv('b'))
+        assert [r['step'] for r in read_log(tmp_path / 'b')] == [2, 3]  # 3: logged after the checkpoint at 2
+        capsys.readouterr()
+        train.main(argv('b'))
+        b = capsys.readouterr().out
+    finally:
+        torch.set_num_threads(threads)
+    assert 'at step 2' in b
+    assert [r['step'] for r in timeless('a')] == [2, 3, 4, 6, 8]
+    assert timeless('b') == timeless('a')
+    assert len(epoch_lines(a)) == 2 and epoch_lines(b) == epoch_lines(a)
+
+
+def test_a_second_run_in_a_live_runs_folder_is_refused(files, held_dir):
+    out, p = held_dir
+    with pytest.raises(engine.UserError, match=f'in use by a live run \\(process {p.pid}\\)'):
+        train.main([str(x) for x in tiny(files, out)[:-2] + ['--output-dir', out]])
+    assert not (out / engine.CHECKPOINT).exists()
 
 
 def test_two_process_ddp_equals_one_process(files, tmp_path):
