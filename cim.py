@@ -249,7 +249,7 @@ class Generator(nn.Module):
         """imgs: [B, 3, H, W] normalized, mask: [B, N] bool -> logits [B, N, vocab] at every position.
 
         Only the masked positions are trained and sampled; predicting all N keeps the step free of gathers and
-        costs ~1% of a ViT-B CIM step (README, bench.py)."""
+        costs 2% of a ViT-B CIM step on the CPU (README, bench.py)."""
         x = self.patch_embed(imgs)                                                 # [B, N, D]
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)      # Eq. 1: replace(x, m, [MASK])
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed

@@ -11,7 +11,6 @@ load with strict=True, without their `dall_e` package and without unpickling arb
     # a small tokenizer for new data or low resolution (SMALL_CONFIG; the offline demo trains it on Fashion-MNIST):
     python dvae.py train --data fashion-mnist --steps 600 --out-dir runs/dvae_fmnist    # ~21 dB, ~3 min on 2 cores
     python dvae.py train --data path/to/images --image-size 32 --steps 600 --out-dir runs/dvae_mine  # CIFAR-10: ~19 dB
-    python dvae.py benchmark      # our encode/decode vs. OpenAI's dall_e modules (the test-only package) on the CPU
 
 An image folder is evaluated on its test/ or val/ subfolder when it also has train/, else on a fixed 5% of its
 images, held out from training. encode/decode run in DALL-E's own precision (body_dtype): a float16 body on CUDA
@@ -24,7 +23,6 @@ import json
 import math
 import os
 import pickle
-import sys
 import time
 import types
 import warnings
@@ -392,13 +390,8 @@ def load_dalle(path):
 
 def save_tokenizer(tok, path):
     """Write {'config', 'state_dict'} to a .pt file (atomically), readable with torch.load(weights_only=True)."""
-    _atomic_save({'config': tok.config, 'state_dict': tok.state_dict()}, path)
-
-
-def _atomic_save(obj, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)  # a crash mid-write never leaves a truncated file
+    engine.atomic_save({'config': tok.config, 'state_dict': tok.state_dict()}, path)
 
 
 def load_tokenizer(path):
@@ -515,7 +508,7 @@ def train_tokenizer(loader, config, steps, lr=4e-3, device='cpu', kl_weight=6.6,
                 if log is not None:
                     log(metrics)
             if ckpt_path and (step % ckpt_every == 0 or step == steps):
-                _atomic_save({'config': tok.config, 'state_dict': tok.state_dict(), 'optimizer': opt.state_dict(),
+                engine.atomic_save({'config': tok.config, 'state_dict': tok.state_dict(), 'optimizer': opt.state_dict(),
                               'step': step, 'steps': steps}, ckpt_path)
             if step >= steps:
                 break
@@ -556,7 +549,7 @@ def save_reconstructions(path, tok, imgs, nrow=8):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line: train / eval / benchmark
+# Command line: train / eval
 
 def fashion_mnist_images(train=True, size=32):
     """Fashion-MNIST (engine.fashion_mnist) as float [N, 3, size, size] in [0, 1]: resized, gray expanded to RGB."""
@@ -654,55 +647,6 @@ def cmd_eval(args):
     print(f"{_report(stats, len(imgs), tok.vocab_size)}; wrote {args.out}")
 
 
-def _seconds(f, arg):
-    t0 = time.perf_counter()
-    f(arg)
-    return time.perf_counter() - t0
-
-
-def cmd_benchmark(args):
-    """Our encode/decode vs. the official dall_e modules (as BEiT calls them), same weights and input, on the CPU."""
-    try:
-        import dall_e
-    except ImportError:
-        raise engine.UserError("the benchmark needs OpenAI's package: pip install --no-deps dall-e==0.1 "
-                               "attrs") from None
-    torch.manual_seed(0)
-    tok = load_dalle(args.dalle) if args.dalle else Tokenizer()  # default: DALL-E's full-size config
-    c = tok.config
-    kw = dict(n_hid=c['n_hid'], n_blk_per_group=c['n_blk_per_group'], vocab_size=c['vocab_size'])
-    official_enc = dall_e.Encoder(**kw)
-    official_dec = dall_e.Decoder(**kw, n_init=c['n_init'])
-    official_enc.load_state_dict(tok.encoder.state_dict())
-    official_dec.load_state_dict(tok.decoder.state_dict())
-
-    def official_encode(x):
-        return official_enc(dall_e.map_pixels(x)).argmax(1)
-
-    def official_decode(tokens):
-        one_hot = F.one_hot(tokens, c['vocab_size']).permute(0, 3, 1, 2).float()
-        return dall_e.unmap_pixels(torch.sigmoid(official_dec(one_hot)[:, :3].float()))
-
-    official = {'encode': official_encode, 'decode': official_decode}
-    x = torch.rand(args.batch_size, 3, args.image_size, args.image_size)
-    print(f"input {tuple(x.shape)}, config {c}, {args.dalle or 'random weights'}, {torch.get_num_threads()} threads, "
-          f"best of {args.repeats} runs after a warm-up")
-    with torch.no_grad():
-        tokens = tok.encode(x)
-        equal = 100 * (tokens == official_encode(x)).float().mean().item()
-        diff = (tok.decode(tokens) - official_decode(tokens)).abs().max().item()
-        print(f"tokens equal: {equal:.2f}%, decoded max abs diff: {diff:.1e}")
-        for name, arg in (('encode', x), ('decode', tokens)):
-            ours = []
-            theirs = []
-            for _ in range(args.repeats + 1):  # alternating, so a change in machine load hits both; first = warm-up
-                theirs.append(_seconds(official[name], arg))
-                ours.append(_seconds(getattr(tok, name), arg))
-            t_ours = min(ours[1:])
-            t_theirs = min(theirs[1:])
-            print(f"{name}: official {t_theirs:.3f} s, ours {t_ours:.3f} s, ratio {t_ours / t_theirs:.2f}x")
-
-
 def main(argv=None):
     parser = engine.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest='cmd', required=True)  # subparsers: engine.ArgumentParser too
@@ -746,20 +690,9 @@ def main(argv=None):
     p.add_argument('--eval-images', type=int, default=1000, help='held-out images evaluated (at most)')
     p.add_argument('--device', default=device, help='torch device')
     p.add_argument('--out', default='runs/dvae_eval.png', help='PNG: rows of originals, each above its reconstructions')
-    p = sub.add_parser('benchmark', help="time our encode/decode against OpenAI's dall_e modules on the CPU",
-                       description="Our encode/decode against OpenAI's dall_e modules (the test-only package), same "
-                                   "weights and input, on the CPU: agreement and time.")
-    p.add_argument('--dalle', default=None, help='DALL-E weights folder (default: random weights, full-size config)')
-    p.add_argument('--image-size', type=int, default=112, help='input side in pixels')
-    p.add_argument('--batch-size', type=int, default=8, help='images per call')
-    p.add_argument('--repeats', type=int, default=3, help='timed runs after a warm-up (the best is reported)')
     args = parser.parse_args(argv)
-    try:
-        {'train': cmd_train, 'eval': cmd_eval, 'benchmark': cmd_benchmark}[args.cmd](args)
-    except engine.UserError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+    {'train': cmd_train, 'eval': cmd_eval}[args.cmd](args)
 
 
 if __name__ == '__main__':
-    main()
+    engine.run_cli(main)

@@ -3,7 +3,6 @@ layer decay, checkpoints, pre-trained weights, evaluation and kNN, and the comma
 The method itself lives in cim.py; nothing here is CIM-specific. Each training loop is written out in its script.
 """
 import argparse
-import copy
 import fcntl
 import functools
 import gzip
@@ -713,21 +712,6 @@ def resolve_init(init, demo):
         raise UserError("--init is required with --data: pre-trained weights (train.py checkpoint or --export, "
                         "torchvision / timm state dict) or 'none' for random initialization")
     return init, (read_weights(init)[1] if init != 'none' else {})
-
-
-def pretrained_vs_scratch(run, args, rank, device):
-    """The demos' comparison: run(args, rank, device, demo=True) from args.init and from random init ('none'), in
-    OUTPUT_DIR/pretrained and OUTPUT_DIR/scratch. -> {'pre-trained': result, 'random init': result} (only the
-    latter with --init none)."""
-    results = {}
-    for name, init, sub in (('pre-trained', args.init, 'pretrained'), ('random init', 'none', 'scratch')):
-        if init == 'none' and name == 'pre-trained':
-            continue
-        a = copy.copy(args)
-        a.init = init
-        a.output_dir = os.path.join(args.output_dir, sub)
-        results[name] = run(a, rank, device, demo=True)
-    return results
 
 
 # ----------------------------------------------------------------------------------------------------------------

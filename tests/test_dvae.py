@@ -418,16 +418,10 @@ def test_cli_train_eval_and_errors(tmp_path, capsys):
                         (train + ['--steps', '5'], 'not 5; resume with --steps 3, or pass a new --out-dir'),
                         (['train', '--data', str(data), '--bogus'], 'unrecognized arguments: --bogus')):
         with pytest.raises(SystemExit) as e:
-            dvae.main(argv)
+            engine.run_cli(lambda: dvae.main(argv))  # as `python dvae.py ...` runs it
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith('error: ') and err.count('\n') == 1 and match in err
         assert 'weights_only' not in err and len(err) < 200 + len(str(tmp_path)) + 20
     dvae.main(train + ['--steps', '3'])  # the same --steps: resumes at the end, nothing left to train
     assert 'trained 0.0 min' in capsys.readouterr().out
-
-
-def test_benchmark_runs(official, dalle_dirs, capsys):
-    dvae.main(['benchmark', '--dalle', dalle_dirs[0], '--image-size', '16', '--batch-size', '1', '--repeats', '1'])
-    out = capsys.readouterr().out
-    assert 'tokens equal: 100.00%' in out and 'encode: official' in out and 'decode: official' in out
