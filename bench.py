@@ -34,17 +34,18 @@ def get_args_parser():
     p = engine.ArgumentParser(description=__doc__)
     p.add_argument('--arch', default='vit_base', choices=cim.ARCHS)
     p.add_argument('--task', default='respix', choices=cim.TASKS)
-    p.add_argument('--img-size', type=int, default=224)
-    p.add_argument('--patch-size', type=int, default=16)
-    p.add_argument('--batch-size', type=int, help='default: 128 on a GPU, 8 on the CPU')
+    p.add_argument('--img-size', type=engine.POSITIVE, default=224)
+    p.add_argument('--patch-size', type=engine.POSITIVE, default=16)
+    p.add_argument('--batch-size', type=engine.POSITIVE, help='default: 128 on a GPU, 8 on the CPU')
     p.add_argument('--tokenizer', metavar='PATH', help='default: a randomly initialized full-size DALL-E dVAE (the '
                                                        'same compute as the real one)')
     p.add_argument('--mask-type', default='random', choices=cim.MASK_TYPES)
     p.add_argument('--amp', choices=('bf16', 'fp16', 'none'), help='default: bf16 on a GPU, none on a CPU')
     p.add_argument('--compile', action='store_true', help='torch.compile the tokenizer, generator and enhancer')
-    p.add_argument('--steps', type=int, help='timed steps per measurement; default: 20 on a GPU, 3 on the CPU')
+    p.add_argument('--steps', type=engine.POSITIVE, help='timed steps per measurement; default: 20 on a GPU, 3 on '
+                                                         'the CPU')
     p.add_argument('--num-workers', type=int, default=8, help='data loader processes per GPU (train.py: 8)')
-    p.add_argument('--loader-images', type=int, default=64, help='generated JPEGs for the loader measurement')
+    p.add_argument('--loader-images', type=engine.POSITIVE, default=64, help='JPEGs generated for the loader')
     p.add_argument('--no-loader', action='store_true', help='skip the data loader measurement')
     p.add_argument('--loader-only', action='store_true', help='only the data loader measurement')
     p.add_argument('--seed', type=int, default=0)
@@ -57,7 +58,6 @@ def main(argv=None):
     cuda = device.type == 'cuda'
     args.batch_size = args.batch_size or (128 if cuda else 8)
     args.steps = args.steps or (20 if cuda else 3)
-    engine.check_positive(args, ('img_size', 'patch_size', 'batch_size', 'steps', 'loader_images'))
     if args.img_size % args.patch_size:
         raise engine.UserError(f'--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}')
     dtype = engine.resolve_amp(args.amp, device)

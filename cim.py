@@ -19,6 +19,9 @@ Usage:
     model = CIM(tok, arch='vit_base', task='respix')
     out = model(imgs_224_normalized, imgs_112_in_0_1)     # dict: loss, gen_loss, mim_acc, enh_loss, ...
     out['loss'].backward()
+The file follows the main path, 1-9: random masking, the ViT parts, the generator, sampling and replacement, decoding,
+the enhancers and head, RESPIX, REVDET, then the CIM module. The ablations (10: blockwise masks, Table 4; MAE's patch
+normalization, Table 6; softmax's alternatives are in sample_tokens) and the figures (11: Figs. 2-4) come after it.
 Training plumbing is in train.py and engine.py; this file imports nothing of ours.
 """
 import math
@@ -66,47 +69,6 @@ def random_mask(batch_size, num_patches, mask_ratio=(100 / 196, 120 / 196), devi
     k = torch.randint(k_min, k_max + 1, (batch_size, 1), device=device)
     rank = torch.rand(batch_size, num_patches, device=device).argsort(dim=1).argsort(dim=1)  # a random permutation
     return rank < k
-
-
-def blockwise_mask(num_masked, grid, min_block=16, min_aspect=0.3, rng=None):
-    """BEiT's blockwise masking (Table 4 'Blockwise'; BEiT Alg. 1): rectangles of >= min_block patches with
-    aspect ratio in [min_aspect, 1/min_aspect], h, w < grid, until exactly num_masked patches are masked.
-
-    BEiT stops when 10 tries find no block that fits the remaining budget, a few patches short (and masks nothing
-    on grids too small for a 16-patch block). We keep the count exact, as the paper's 100-120 range asks:
-    min_block is capped to what fits, then smaller blocks fill the remainder, then (rarely) single patches.
-    A Python loop over blocks, as in BEiT: call it in data-loader workers, not in the training step.
-    Returns mask: [grid*grid] bool with exactly num_masked True.
-    """
-    rng = rng or random
-    if not 0 <= num_masked <= grid * grid:
-        raise ValueError(f'cannot mask {num_masked} of {grid * grid} patches')
-    mask = np.zeros((grid, grid), dtype=bool)
-    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
-    lo = max(1, min(min_block, num_masked, (grid - 1) ** 2))  # a block must fit: h, w < grid
-    while mask.sum() < num_masked:
-        budget = num_masked - int(mask.sum())
-        added = 0
-        for _ in range(10):  # BEiT tries 10 rectangles for each block
-            area = rng.uniform(min(lo, budget), max(lo, budget))
-            aspect = math.exp(rng.uniform(*log_aspect))
-            h = int(round(math.sqrt(area * aspect)))
-            w = int(round(math.sqrt(area / aspect)))
-            if 0 < h < grid and 0 < w < grid:
-                top = rng.randint(0, grid - h)
-                left = rng.randint(0, grid - w)
-                new = h * w - int(mask[top:top + h, left:left + w].sum())
-                if 0 < new <= budget:
-                    mask[top:top + h, left:left + w] = True
-                    added = new
-                    break
-        if added == 0:
-            if lo == 1:
-                break
-            lo = 1  # where BEiT stops: go on with smaller blocks
-    free = np.flatnonzero(~mask.reshape(-1))  # the last few, if still short: single patches
-    mask.reshape(-1)[rng.sample(list(free), num_masked - int(mask.sum()))] = True
-    return torch.from_numpy(mask.reshape(-1))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -398,18 +360,6 @@ def sliding_window_stats(imgs, window=8, eps=1e-6):
     return mean, ((sq_mean - mean ** 2).clamp(min=0) * n / (n - 1) + eps).sqrt()
 
 
-def patch_stats(imgs, patch_size=16, eps=1e-6):
-    """MAE's statistics (Table 6 'non-overlap window'): mean and unbiased std of each non-overlapping
-    patch_size x patch_size patch, all channels together, spread over its pixels. -> ([B, 1, H, W]) x 2."""
-    x = imgs.float()
-    n = patch_size ** 2 * x.shape[1]
-    mean = F.avg_pool2d(x.mean(1, keepdim=True), patch_size)
-    sq_mean = F.avg_pool2d((x ** 2).mean(1, keepdim=True), patch_size)
-    std = ((sq_mean - mean ** 2).clamp(min=0) * n / (n - 1) + eps).sqrt()
-    return (F.interpolate(mean, scale_factor=patch_size, mode='nearest'),
-            F.interpolate(std, scale_factor=patch_size, mode='nearest'))
-
-
 def window_stats(imgs, norm='sliding', patch_size=16):
     """The (mean, std) that the RESPIX target divides out (Table 6): 'sliding' 8x8, 'patch' (MAE) or 'none'."""
     if norm == 'sliding':
@@ -613,7 +563,63 @@ class CIM(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 10. Figures (PNG): Fig. 2 corrupted samples, Fig. 3 enhancer outputs, Fig. 4 normalization templates
+# 10. Ablations off the main path: blockwise masks (Table 4), MAE's per-patch target normalization (Table 6)
+
+def blockwise_mask(num_masked, grid, min_block=16, min_aspect=0.3, rng=None):
+    """BEiT's blockwise masking (Table 4 'Blockwise'; BEiT Alg. 1): rectangles of >= min_block patches with
+    aspect ratio in [min_aspect, 1/min_aspect], h, w < grid, until exactly num_masked patches are masked.
+
+    BEiT stops when 10 tries find no block that fits the remaining budget, a few patches short (and masks nothing
+    on grids too small for a 16-patch block). We keep the count exact, as the paper's 100-120 range asks:
+    min_block is capped to what fits, then smaller blocks fill the remainder, then (rarely) single patches.
+    A Python loop over blocks, as in BEiT: call it in data-loader workers, not in the training step.
+    Returns mask: [grid*grid] bool with exactly num_masked True.
+    """
+    rng = rng or random
+    if not 0 <= num_masked <= grid * grid:
+        raise ValueError(f'cannot mask {num_masked} of {grid * grid} patches')
+    mask = np.zeros((grid, grid), dtype=bool)
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    lo = max(1, min(min_block, num_masked, (grid - 1) ** 2))  # a block must fit: h, w < grid
+    while mask.sum() < num_masked:
+        budget = num_masked - int(mask.sum())
+        added = 0
+        for _ in range(10):  # BEiT tries 10 rectangles for each block
+            area = rng.uniform(min(lo, budget), max(lo, budget))
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if 0 < h < grid and 0 < w < grid:
+                top = rng.randint(0, grid - h)
+                left = rng.randint(0, grid - w)
+                new = h * w - int(mask[top:top + h, left:left + w].sum())
+                if 0 < new <= budget:
+                    mask[top:top + h, left:left + w] = True
+                    added = new
+                    break
+        if added == 0:
+            if lo == 1:
+                break
+            lo = 1  # where BEiT stops: go on with smaller blocks
+    free = np.flatnonzero(~mask.reshape(-1))  # the last few, if still short: single patches
+    mask.reshape(-1)[rng.sample(list(free), num_masked - int(mask.sum()))] = True
+    return torch.from_numpy(mask.reshape(-1))
+
+
+def patch_stats(imgs, patch_size=16, eps=1e-6):
+    """MAE's statistics (Table 6 'non-overlap window'): mean and unbiased std of each non-overlapping
+    patch_size x patch_size patch, all channels together, spread over its pixels. -> ([B, 1, H, W]) x 2."""
+    x = imgs.float()
+    n = patch_size ** 2 * x.shape[1]
+    mean = F.avg_pool2d(x.mean(1, keepdim=True), patch_size)
+    sq_mean = F.avg_pool2d((x ** 2).mean(1, keepdim=True), patch_size)
+    std = ((sq_mean - mean ** 2).clamp(min=0) * n / (n - 1) + eps).sqrt()
+    return (F.interpolate(mean, scale_factor=patch_size, mode='nearest'),
+            F.interpolate(std, scale_factor=patch_size, mode='nearest'))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 11. Figures (PNG): Fig. 2 corrupted samples, Fig. 3 enhancer outputs, Fig. 4 normalization templates
 
 def unnormalize(imgs, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """[B, 3, H, W] mean/std-normalized -> [0, 1]."""

@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -724,6 +725,67 @@ def log_jsonl(path, record):
         f.write(json.dumps(record) + '\n')
 
 
+class Tally:
+    """A log interval's sums, kept on the device so that the training step never waits for the host: the sum of
+    each metric and of the grad norm over the good steps, the good and skipped (non-finite) steps, the skipped steps
+    in a row, and the unreadable files the loader skipped. close() reads them once (the interval's one host sync).
+
+        tally = engine.Tally(('loss',), total_batch, device)
+        tally.add(metrics, norm, skipped_files)               # each step, no host sync
+        record = tally.close(log)                              # each log interval: means, img/s, counts
+        tally.check(args.max_bad_steps, done, args.output_dir)  # after logging it: stop if the run diverged
+    """
+
+    def __init__(self, keys, total_batch, device):
+        self.keys = tuple(keys) + ('grad_norm',)
+        self.total_batch = total_batch
+        self.sums = torch.zeros(len(self.keys) + 2, device=device)  # [each key, grad norm, good steps, skipped]
+        self.bad_run = torch.zeros((), device=device)  # skipped steps in a row (not reset at a log)
+        self.n_bad = torch.zeros((), dtype=torch.long)  # on the CPU, where the loader's counts arrive
+        self.steps = 0
+        self.t0 = time.time()
+
+    def add(self, metrics, norm, skipped_files):
+        """metrics: [K] (the keys' micro-batch means), norm: [0-dim] grad norm, inf / NaN when the step was
+        skipped; skipped_files: the loader's per-image counts of unreadable files."""
+        good = norm.isfinite()  # a skipped step adds to the counts only: its metrics may be inf / NaN
+        self.sums[:-2] += torch.where(good, torch.cat([metrics.float(), norm.float().view(1)]), 0.0)
+        self.sums[-2] += good.float()
+        self.sums[-1] += (~good).float()
+        self.bad_run = torch.where(good, 0.0, self.bad_run + 1)
+        self.n_bad += skipped_files.sum()
+        self.steps += 1
+
+    def close(self, log):
+        """Ends the interval -> {key: mean over its good steps (NaN when none), imgs_per_s, n_bad_images,
+        skipped_steps}; the last two are run totals, kept in `log` (and so in the checkpoint). self.totals: the
+        interval's sums over ranks, [K + 1 means' sums, good steps, skipped steps, bad run, files]."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        # host sync: the one per log interval, all of it summed over ranks in one all_reduce
+        self.totals = sum_over_ranks(torch.cat([self.sums, self.bad_run.view(1), self.n_bad.to(self.sums.device)
+                                                .view(1)])).tolist()
+        *sums, good, skipped, bad_run, n_bad = self.totals
+        log['skipped_steps'] += round(skipped / world)  # every rank counts the same steps
+        log['n_bad_images'] += round(n_bad)
+        now = time.time()
+        record = {k: v / good if good else float('nan') for k, v in zip(self.keys, sums)}
+        record.update(imgs_per_s=self.steps * self.total_batch / (now - self.t0), n_bad_images=log['n_bad_images'],
+                      skipped_steps=log['skipped_steps'])
+        self.bad_run_total = bad_run / world
+        self.sums.zero_()
+        self.n_bad.zero_()
+        self.steps = 0
+        self.t0 = now
+        return record
+
+    def check(self, max_bad_steps, step, output_dir):
+        """After the log line: TrainingError once max_bad_steps steps in a row were skipped (as of the last close)."""
+        if self.bad_run_total >= max_bad_steps:
+            raise TrainingError(f'{max_bad_steps} consecutive steps had a non-finite loss or gradients and were '
+                                f'skipped; stopped at step {step} (the last good checkpoint is in {output_dir}); '
+                                f'try a lower learning rate')
+
+
 def progress(enabled=True, **kwargs):
     """A tqdm bar on rank 0 in a terminal only: logs redirected to a file get the printed log lines, not a stream of
     carriage-return updates."""
@@ -828,43 +890,60 @@ class TrainingError(UserError):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help: the description and the epilog (the recipes) as written; '(default: X)' after flags whose default
-    is not None (a None default takes the recipe's value)."""
+    """--help: the description as written; after each flag, its value in each recipe ('(Table 9: 300; demo: 4)'),
+    else '(default: X)' when its default is not None."""
+
+    def __init__(self, prog, recipes=None):
+        super().__init__(prog)
+        self.recipes = recipes or {}
 
     def _get_help_string(self, action):
+        values = [f'{name}: {show(r[action.dest])}' for name, r in self.recipes.items() if action.dest in r]
+        if values:
+            return f"{action.help or ''} ({'; '.join(values).replace('%', '%%')})"
         return action.help if action.default is None else super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are the project's: one line 'error: <message>' on stderr, exit status 2."""
+    """argparse whose errors are the project's: one line 'error: <message>' on stderr, exit status 2. recipes:
+    {name: recipe}, the literal dicts whose values --help shows at each flag (a flag left unset takes its recipe's
+    value: apply_recipe)."""
 
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=HelpFormatter, **kwargs)
+    def __init__(self, recipes=None, **kwargs):
+        super().__init__(formatter_class=functools.partial(HelpFormatter, recipes=recipes), **kwargs)
 
     def error(self, message):
         print(f'error: {message}', file=sys.stderr)
         sys.exit(2)
 
 
+def checked(cast, ok, what):
+    """An argparse type: cast(text), refused with one line ('argument --epochs: must be >= 1, got 0') unless
+    ok(value). The flags' own checks; what a recipe sets is trusted."""
+    def parse(text):
+        value = cast(text)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f'must be {what}, got {text}')
+        return value
+    parse.__name__ = cast.__name__  # argparse's 'invalid int value' for text that is not a number
+    return parse
+
+
+POSITIVE = checked(int, lambda v: v >= 1, '>= 1')
+NON_NEGATIVE = checked(int, lambda v: v >= 0, '>= 0')
+NON_NEGATIVE_FLOAT = checked(float, lambda v: v >= 0, '>= 0')
+FRACTION = checked(float, lambda v: 0 < v <= 1, 'in (0, 1]')
+PROBABILITY = checked(float, lambda v: 0 <= v < 1, 'in [0, 1)')
+
+
+def show(value):
+    """A flag's value as typed: (0.9, 0.98) -> '0.9 0.98'."""
+    return ' '.join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
 def flags(values):
-    """{'batch_size': 64, ...} -> '--batch-size 64 ...' (how recipes and the values taken from them are shown)."""
-    return ' '.join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
-                    for k, v in values.items())
-
-
-def recipe_epilog(recipes):
-    """--help's epilog: the one override rule and each recipe (a literal dict) as flags."""
-    lines = ['recipes: a flag left unset takes its recipe\'s value; an explicit flag always wins.']
-    for name, recipe in recipes.items():
-        lines.append(f'  {name}:')
-        line = '   '
-        for flag in flags(recipe).replace(' --', '\n--').splitlines():
-            if len(line) + len(flag) > 116:
-                lines.append(line)
-                line = '   '
-            line += ' ' + flag
-        lines.append(line)
-    return '\n'.join(lines)
+    """{'batch_size': 64, ...} -> '--batch-size 64 ...' (how the values taken from a recipe are printed)."""
+    return ' '.join(f"--{k.replace('_', '-')} {show(v)}" for k, v in values.items())
 
 
 def apply_recipe(args, recipe):
@@ -881,25 +960,15 @@ def add_common_args(parser, output_dir_help):
     logging, checkpoints and the non-finite stop. --num-workers, --log-every and --save-every-steps are None here:
     the script's recipe gives them."""
     g = parser.add_argument_group('system')
-    g.add_argument('--output-dir', default=None, help=output_dir_help)
-    g.add_argument('--resume', metavar='CKPT', default=None,
-                   help='checkpoint to resume; default: OUTPUT_DIR/checkpoint-last.pth when present')
-    g.add_argument('--amp', choices=('bf16', 'fp16', 'none'),
-                   help='autocast dtype; default: bf16 on a GPU, none on a CPU')
-    g.add_argument('--num-workers', type=int, help='data loader processes per GPU')
+    g.add_argument('--output-dir', help=output_dir_help)
+    g.add_argument('--resume', metavar='CKPT', help='checkpoint to resume; default: OUTPUT_DIR/checkpoint-last.pth')
+    g.add_argument('--amp', choices=('bf16', 'fp16', 'none'), help='autocast dtype; default: bf16 on a GPU, else none')
+    g.add_argument('--num-workers', type=NON_NEGATIVE, help='data loader processes per GPU')
     g.add_argument('--seed', type=int, default=0, help='model init, data order, augmentations')
-    g.add_argument('--log-every', type=int, help='optimizer steps between log lines (log.jsonl and printed)')
-    g.add_argument('--save-every-steps', type=int, help='optimizer steps between checkpoint-last.pth saves (0: off)')
-    g.add_argument('--max-bad-steps', type=int, default=20,
-                   help='stop after this many consecutive non-finite steps (each is skipped)')
+    g.add_argument('--log-every', type=POSITIVE, help='optimizer steps between log lines (log.jsonl and printed)')
+    g.add_argument('--save-every-steps', type=NON_NEGATIVE, help='optimizer steps between checkpoint saves (0: off)')
+    g.add_argument('--max-bad-steps', type=POSITIVE, default=20, help='stop after this many non-finite steps in a row')
     return g
-
-
-def check_positive(args, names):
-    """UserError '--name must be >= 1' for the first of args' `names` below 1."""
-    for k in names:
-        if getattr(args, k) < 1:
-            raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
 
 
 def run_cli(main):

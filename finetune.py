@@ -27,6 +27,7 @@ re-estimated on clean training images (the evaluation view) before kNN's feature
 probe trains, for pre-trained and random-init networks alike (engine.recompute_bn_stats): the pre-trained
 statistics were gathered on corrupted images, a random network's never.
 """
+import argparse
 import contextlib
 import copy
 import functools
@@ -89,19 +90,15 @@ DEMO_TEST_IMAGES = 2000  # of Fashion-MNIST's test split
 
 
 def get_args_parser():
+    r50 = {k: '/'.join(dict.fromkeys(engine.show(r[k]) for r in RESNET.values())) for k in R50_100}  # the 3 columns
+    recipes = {'Table 10 ViT-B': VIT_B, 'ViT-B from REVDET': dict(blr=VIT_B_REVDET['blr']),
+               'ViT-S/Ti': dict(epochs=VIT_S['epochs']), 'Table 11 R50 100/300/600': r50, 'probe (MAE)': PROBE,
+               'kNN (DINO)': KNN, 'demo': dict(DEMO, lr=f"{DEMO['lr']}, probe {DEMO_PROBE['lr']}")}
     p = engine.ArgumentParser(
         description='Fine-tuning, linear probing and kNN of CIM-pre-trained backbones (Fang et al., ICLR 2023). '
-                    'Defaults: Table 10 (ViT), Table 11 (ResNet-50), MAE linear probe, DINO kNN.',
-        epilog=engine.recipe_epilog({'Table 10, ViT-B/16 (RESPIX pre-training)': VIT_B,
-                                     'Table 10, ViT-B/16 (REVDET pre-training): as RESPIX with': dict(blr=5e-3),
-                                     'Table 10, ViT-S/16 (and ViT-Ti): as ViT-B/16 with': dict(epochs=200),
-                                     'Table 11, ResNet-50, --recipe 100': R50_100,
-                                     'Table 11, ResNet-50, --recipe 300 (default)': R50_300,
-                                     'Table 11, ResNet-50, --recipe 600': R50_600,
-                                     '--linear-probe (MAE)': PROBE,
-                                     '--knn (DINO)': KNN,
-                                     "demo (no --data), before the above; arch and sizes: the checkpoint's": DEMO,
-                                     'demo --linear-probe': dict(lr=DEMO_PROBE['lr'])}))
+                    "A flag left unset takes its recipe's value (the demo's first, then Table 10 for a ViT, Table 11 "
+                    'for ResNet-50, MAE for --linear-probe, DINO for --knn); an explicit flag always wins.',
+        recipes=recipes)
     g = p.add_argument_group('model and mode')
     g.add_argument('--arch', choices=cim.ARCHS, help="default: the --init train.py checkpoint's, else vit_base")
     g.add_argument('--init', metavar='PATH', help="pre-trained weights (train.py checkpoint or --export, torchvision / "
@@ -109,46 +106,48 @@ def get_args_parser():
                                                   "demo: out/demo/checkpoint-last.pth")
     g.add_argument('--recipe', type=int, choices=sorted(RESNET), help='resnet50: the Table 11 column (fine-tuning '
                                                                       'epochs); default 300')
-    g.add_argument('--patch-size', type=int, help='ViT patch size')
+    g.add_argument('--patch-size', type=engine.POSITIVE, help='ViT patch size')
     g.add_argument('--linear-probe', action='store_true', help='frozen backbone, BatchNorm1d + linear (MAE)')
     g.add_argument('--knn', action='store_true', help='evaluation only: kNN top-1 of the pooled features')
-    g.add_argument('--knn-k', type=int, help='kNN: neighbours that vote')
+    g.add_argument('--knn-k', type=engine.POSITIVE, help='kNN: neighbours that vote')
     g.add_argument('--knn-t', type=float, help='kNN: vote temperature')
     g = p.add_argument_group('optimization')
-    g.add_argument('--epochs', type=int, help='fine-tuning epochs')
-    g.add_argument('--max-steps', type=int, help='train this many optimizer steps instead of --epochs epochs (the '
-                                                 'warmup keeps its share of the schedule)')
-    g.add_argument('--warmup-epochs', type=int, help='linear lr warmup, then cosine decay')
-    g.add_argument('--batch-size', type=int, help='per GPU (process)')
-    g.add_argument('--accum-iter', type=int, default=1, help='gradient accumulation steps')
+    g.add_argument('--epochs', type=engine.POSITIVE, help='fine-tuning epochs')
+    g.add_argument('--max-steps', type=engine.POSITIVE, help='train this many optimizer steps instead of --epochs '
+                                                             'epochs (the warmup keeps its share of the schedule)')
+    g.add_argument('--warmup-epochs', type=engine.NON_NEGATIVE, help='linear lr warmup, then cosine decay')
+    g.add_argument('--batch-size', type=engine.POSITIVE, help='per GPU (process)')
+    g.add_argument('--accum-iter', type=engine.POSITIVE, default=1, help='gradient accumulation steps')
     g.add_argument('--blr', type=float, help='peak lr at total batch --ref-batch, scaled linearly')
-    g.add_argument('--ref-batch', type=int, help='the total batch --blr refers to')
+    g.add_argument('--ref-batch', type=engine.POSITIVE, help='the total batch --blr refers to')
     g.add_argument('--lr', type=float, help='absolute peak lr; default: from --blr')
     g.add_argument('--min-lr', type=float, help='end of the cosine decay')
     g.add_argument('--weight-decay', type=float, help='AdamW; none on biases, norms, embeddings')
     g.add_argument('--layer-decay', type=float, help='ViT layer-wise lr decay (BEiT layer ids); 1: off')
     g.add_argument('--betas', type=float, nargs=2, help='AdamW momentum (beta1, beta2)')
     g.add_argument('--clip-grad', type=float, help='global grad-norm clip (0: off)')
-    g.add_argument('--drop-path', type=float, help='stochastic depth at the last block')
-    g.add_argument('--smoothing', type=float, help='label smoothing')
+    g.add_argument('--drop-path', type=engine.PROBABILITY, help='stochastic depth at the last block')
+    g.add_argument('--smoothing', type=engine.PROBABILITY, help='label smoothing')
     g.add_argument('--loss', choices=tuple(LOSSES), help='soft-target cross-entropy or binary cross-entropy (RSB)')
     g = p.add_argument_group('augmentation and resolution')
-    g.add_argument('--mixup', type=float, help='mixup alpha (0: off)')
-    g.add_argument('--cutmix', type=float, help='cutmix alpha (0: off)')
-    g.add_argument('--randaug', type=int, help='RandAugment magnitude, 0-10 on timm\'s scale (0: off)')
-    g.add_argument('--randaug-ops', type=int, help='RandAugment ops per image')
+    g.add_argument('--mixup', type=engine.NON_NEGATIVE_FLOAT, help='mixup alpha (0: off)')
+    g.add_argument('--cutmix', type=engine.NON_NEGATIVE_FLOAT, help='cutmix alpha (0: off)')
+    g.add_argument('--randaug', type=engine.checked(int, lambda v: 0 <= v <= 10, 'in 0..10'),
+                   help="RandAugment magnitude, 0-10 on timm's scale (0: off)")
+    g.add_argument('--randaug-ops', type=engine.POSITIVE, help='RandAugment ops per image')
     g.add_argument('--randaug-mstd', type=float, help='RandAugment magnitude std')
-    g.add_argument('--reprob', type=float, help='random erasing probability')
-    g.add_argument('--repeated-aug', type=int, help='copies per image (Berman et al. 2019); 1: off')
-    g.add_argument('--img-size', type=int, help='training resolution')
-    g.add_argument('--test-img-size', type=int, help='evaluation resolution (a ViT: equal to --img-size)')
-    g.add_argument('--crop-ratio', type=float, help='evaluation: resize to test-img-size / ratio, center crop')
-    g.add_argument('--min-crop-scale', type=float, help='RandomResizedCrop scale (min, 1)')
+    g.add_argument('--reprob', type=engine.PROBABILITY, help='random erasing probability')
+    g.add_argument('--repeated-aug', type=engine.POSITIVE, help='copies per image (Berman et al. 2019); 1: off')
+    g.add_argument('--img-size', type=engine.POSITIVE, help='training resolution')
+    g.add_argument('--test-img-size', type=engine.POSITIVE, help='evaluation resolution (a ViT: equal to --img-size)')
+    g.add_argument('--crop-ratio', type=engine.FRACTION, help='evaluation: resize to test-img-size / ratio, '
+                                                              'center crop')
+    g.add_argument('--min-crop-scale', type=engine.FRACTION, help='RandomResizedCrop scale (min, 1)')
     g = p.add_argument_group('data')
     g.add_argument('--data', metavar='DIR', help='folder with train/<class>/* and val/<class>/*; none: the built-in '
                                                  'Fashion-MNIST demo')
-    g.add_argument('--subset', type=int, help='use this many training images, drawn at random (seeded) across the '
-                                              'classes; default: all')
+    g.add_argument('--subset', type=engine.POSITIVE, help='use this many training images, drawn at random (seeded) '
+                                                          'across the classes; default: all')
     engine.add_common_args(p, 'default: out/ft_<arch>, out/probe_<arch>, out/knn_<arch>; demo: out/demo_ft')
     return p
 
@@ -162,16 +161,35 @@ def main(argv=None):
     mode = 'knn' if args.knn else 'probe' if args.linear_probe else 'ft'
     args.output_dir = args.output_dir or os.path.join('out', 'demo_ft' if demo else f'{mode}_{args.arch}')
     check_args(args)
-    dtype = engine.resolve_amp(args.amp, device)
-    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest convolutions
     if engine.is_main():
         if demo:
-            which = 'random init' if args.init == 'none' else f"'{args.init}' next to random init"
-            print(f'no --data: running the built-in demo on Fashion-MNIST (28 px gray -> 32 px RGB), {which}')
+            print(f'no --data: running the built-in demo on Fashion-MNIST (28 px gray -> 32 px RGB), {args.init} '
+                  f'next to random init')
         print(f'recipe: {engine.flags(taken)}')
+    if not demo:
+        return run(args, rank, device)
+    # the demo: the pre-trained checkpoint, then random init on the same schedule, side by side
+    runs = {'pre-trained': (args.init, 'pretrained'), 'random init': ('none', 'scratch')}
+    results = {}
+    for name, (init, sub) in runs.items():
+        if args.init != 'none' or init == 'none':
+            results[name] = run(argparse.Namespace(**dict(vars(args), init=init, output_dir=os.path.join(
+                args.output_dir, sub))), rank, device)
+    if engine.is_main():
+        key = 'knn_acc1' if args.knn else 'acc1'
+        how = 'kNN' if args.knn else f'{args.epochs} epochs'
+        print(f"Fashion-MNIST test top-1, {args.arch}, {how} on {results['random init']['n_train']} training images: "
+              + '  vs  '.join(f'{name} {r[key]:.2f}%' for name, r in results.items()))
+    return results
+
+
+def run(args, rank, device):
+    """One fine-tuning, linear-probe or kNN run with the settled args -> its metrics."""
+    dtype = engine.resolve_amp(args.amp, device)
+    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest convolutions
 
     # data: the folders are checked before anything is written
-    train_set, clean_train_set, val_set, classes = build_data(args, demo)
+    train_set, clean_train_set, val_set, classes = build_data(args, args.data is None)
     args.num_classes = len(classes)
     val_loader = torch.utils.data.DataLoader(val_set, args.batch_size, num_workers=args.num_workers,
                                              sampler=engine.ShardSampler(len(val_set), args.world_size, rank),
@@ -180,11 +198,10 @@ def main(argv=None):
     bn_loader = torch.utils.data.DataLoader(clean_train_set, args.batch_size, shuffle=True,
                                             num_workers=args.num_workers,
                                             generator=torch.Generator().manual_seed(args.seed))
-    # the runs: one; the demo trains its pre-trained checkpoint, then random init on the same schedule
-    runs = demo_runs(args) if demo else [('run', args.init, args.output_dir)]
+    torch.manual_seed(args.seed)
+    model = build_model(args, device)  # --init loaded: weights that do not fit fail here, before any folder exists
     if args.knn:
-        results = knn_runs(runs, clean_train_set, val_loader, bn_loader, args, rank, device, dtype)
-        return finish(results, args, demo, len(clean_train_set))
+        return knn(model, clean_train_set, val_loader, bn_loader, args, rank, device, dtype)
 
     # training data: a seeded view per (epoch, index) for exact resume; repeated augmentation for R50 300 / 600
     if args.repeated_aug > 1:
@@ -207,131 +224,95 @@ def main(argv=None):
     mixer = make_mixer(args.mixup, args.cutmix, args.num_classes)
     criterion = LOSSES[args.loss]
     channels_last = args.arch == 'resnet50'
-    results = {}
-    for name, init, output_dir in runs:
-        args.init = init
-        args.output_dir = output_dir
+    if args.linear_probe:
+        engine.recompute_bn_stats(model.backbone, bn_loader, device, dtype)  # the BN protocol (docstring)
+    optimizer = build_optimizer(model, args, peak_lr)
+    # fp16: dynamic loss scaling. bf16 / fp32: the scale stays 1 and the scaler does the other half of its job,
+    # skipping a step whose gradients are not finite, on the device (no host sync)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == torch.float16 else 1.0)
 
-        # model (--init loaded: weights that do not fit fail here, before the output folder exists), optimizer
-        torch.manual_seed(args.seed)
-        model = build_model(args, device)
-        if args.linear_probe:
-            engine.recompute_bn_stats(model.backbone, bn_loader, device, dtype)  # BN protocol (docstring)
-        optimizer = build_optimizer(model, args, peak_lr)
-        # fp16: dynamic loss scaling. bf16 / fp32: the scale stays 1 and the scaler does the other half of its job,
-        # skipping a step whose gradients are not finite, on the device (no host sync)
-        scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == torch.float16 else 1.0)
+    # resume (the checkpoint holds every rank's RNG state), then the DDP wrap
+    engine.seed_rank(args.seed, rank)  # from here on, mixing and stochastic depth differ across ranks
+    log = dict(n_bad_images=0, skipped_steps=0, best_acc1=-1.0, best_epoch=0, last={})
+    start_step = 0
+    engine.lock_output_dir(args.output_dir)  # one live run per folder
+    ckpt = args.resume or engine.find_checkpoint(args.output_dir)
+    if ckpt:
+        start_step = engine.load_training_state(ckpt, model, optimizer, scaler, args, rank, log, SAME_ARGS)[0]['step']
+    raw_model = model  # the network itself: what is saved and evaluated
+    if args.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    what = 'linear probe' if args.linear_probe else 'fine-tuning'
+    if engine.is_main():
+        bn = ', BN statistics of the frozen backbone re-estimated' if args.linear_probe and channels_last else ''
+        print(f'{what} {args.arch} from {args.init}: {len(train_set)} training / {len(val_set)} val images, '
+              f'{args.num_classes} classes, {steps_per_epoch} steps/epoch, {total_steps} steps, total batch '
+              f'{total_batch} ({args.world_size} x {args.batch_size} x {args.accum_iter}), peak lr {peak_lr:.2e}, '
+              f'amp {dtype or "off"}{bn}, output {args.output_dir}')
 
-        # resume (the checkpoint holds every rank's RNG state), then the DDP wrap
-        engine.seed_rank(args.seed, rank)  # from here on, mixing and stochastic depth differ across ranks
-        log = dict(n_bad_images=0, skipped_steps=0, best_acc1=-1.0, best_epoch=0, last={})
-        start_step = 0
-        engine.lock_output_dir(args.output_dir)  # one live run per folder
-        ckpt = args.resume or engine.find_checkpoint(args.output_dir)
-        if ckpt:
-            start_step = resume(ckpt, model, optimizer, scaler, args, rank, log)
-        raw_model = model  # the network itself: what is saved and evaluated
-        ddp = args.world_size > 1
-        if ddp:
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-        if engine.is_main():
-            bn_note = ''
-            if args.linear_probe and channels_last:
-                bn_note = ', BN statistics of the frozen backbone re-estimated on clean training images'
-            print(f"{'linear probe' if args.linear_probe else 'fine-tuning'} {args.arch} from {args.init}: "
-                  f"{len(train_set)} training / {len(val_set)} val images, {args.num_classes} classes, "
-                  f"{steps_per_epoch} steps/epoch, {total_steps} steps, total batch {total_batch} ({args.world_size} "
-                  f"x {args.batch_size} x {args.accum_iter}), peak lr {peak_lr:.2e}, amp {dtype or 'off'}{bn_note}, "
-                  f"output {args.output_dir}")
+    # ---- the loop: one optimizer step per iteration; logs every --log-every steps; validation each epoch ---------
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    tally = engine.Tally(('loss',), total_batch, device)  # the log interval's sums, on the device
+    batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
+    pbar = engine.progress(total=total_steps, initial=start_step, desc=what)
+    t_epoch = time.time()
+    epoch_start = start_step
+    model.train()
+    for step in range(start_step, total_steps):
+        for g in optimizer.param_groups:
+            g['lr'] = lrs[step] * g['lr_scale']  # warmup + cosine, times the group's layer decay (Table 10)
+        micro_batches = []
+        n_bad = 0
+        for _ in range(args.accum_iter):
+            imgs, labels, skipped_files = next(batches)
+            micro_batches.append((imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
+            n_bad = n_bad + skipped_files
+        loss, norm = finetune_step(model, micro_batches, optimizer, scaler, params, criterion, mixer, args, dtype)
+        tally.add(loss.view(1), norm, n_bad)  # no host sync: the step's numbers stay on the device until the log
+        pbar.update()
 
-        # ---- the loop: one optimizer step per iteration; logs every --log-every steps; validation each epoch ------
-        params = [p for p in raw_model.parameters() if p.requires_grad]
-        # summed on the device over the log interval, then over ranks at the log (the one host sync):
-        # [0] loss and [1] grad norm over the good steps, [2] good steps, [3] skipped steps
-        sums = torch.zeros(4, device=device)
-        bad_run = torch.zeros((), device=device)  # consecutive skipped steps (not reset at a log)
-        n_bad = torch.zeros((), dtype=torch.long)  # unreadable files the loader skipped (CPU, summed without a sync)
-        batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
-        pbar = engine.progress(total=total_steps, initial=start_step, desc=name)
-        logged = start_step
-        epoch_start = start_step
-        t_log = time.time()
-        t_epoch = t_log
-        model.train()
-        for step in range(start_step, total_steps):
-            for g in optimizer.param_groups:
-                g['lr'] = lrs[step] * g['lr_scale']
-            micro_batches = []
-            for _ in range(args.accum_iter):
-                imgs, labels, skipped_files = next(batches)
-                micro_batches.append((imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
-                n_bad += skipped_files.sum()
-            loss, norm = finetune_step(model, micro_batches, optimizer, scaler, params, criterion, mixer, args, dtype)
-            good = norm.isfinite()  # a skipped step adds to the counts only
-            sums[:2] += torch.where(good, torch.stack([loss.float(), norm.float()]), 0.0)
-            sums[2] += good.float()
-            sums[3] += (~good).float()
-            bad_run = torch.where(good, 0.0, bad_run + 1)
-            pbar.update()
-
-            done = step + 1
-            end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
-            saving = end_of_epoch or (args.save_every_steps and done % args.save_every_steps == 0)
-            if done % args.log_every == 0 or saving:  # a checkpoint closes the interval: a resume starts anew
-                # host sync: the one per log interval; [sums, bad_run, n_bad] summed over ranks
-                totals = engine.sum_over_ranks(torch.cat([sums, bad_run.view(1), n_bad.to(device).view(1)])).tolist()
-                log['skipped_steps'] += round(totals[3] / args.world_size)
-                log['n_bad_images'] += round(totals[5])
-                now = time.time()
-                record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step],
-                              loss=mean_or_nan(totals[0], totals[2]), grad_norm=mean_or_nan(totals[1], totals[2]),
-                              imgs_per_s=(done - logged) * total_batch / (now - t_log),
-                              n_bad_images=log['n_bad_images'], skipped_steps=log['skipped_steps'])
-                logged = done
-                t_log = now
-                sums.zero_()
-                n_bad.zero_()
-                if engine.is_main():
-                    engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
-                    pbar.write(f"step {done}/{total_steps}: loss {record['loss']:.4f}, grad norm "
-                               f"{record['grad_norm']:.3f}, lr {record['lr']:.2e}, {record['imgs_per_s']:.1f} img/s")
-                if totals[4] / args.world_size >= args.max_bad_steps:
-                    raise engine.TrainingError(f'{args.max_bad_steps} consecutive steps had a non-finite loss or '
-                                               f'gradients and were skipped; stopped at step {done} (the last good '
-                                               f'checkpoint is in {args.output_dir}); try a lower --blr or --lr')
-            if end_of_epoch:
-                epoch = -(-done // steps_per_epoch)
-                imgs_per_s = (done - epoch_start) * total_batch / (time.time() - t_epoch)
-                m = validate(raw_model, val_loader, device, dtype, channels_last)
-                log['last'] = dict(epoch=epoch, step=done, **m)
-                best = m['acc1'] > log['best_acc1']
+        done = step + 1
+        end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
+        saving = end_of_epoch or (args.save_every_steps and done % args.save_every_steps == 0)
+        if done % args.log_every == 0 or saving:  # a checkpoint closes the interval, so a resume starts a new one
+            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step],
+                          **tally.close(log))  # the host sync
+            if engine.is_main():
+                engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
+                pbar.write(f"step {done}/{total_steps}: loss {record['loss']:.4f}, grad norm "
+                           f"{record['grad_norm']:.3f}, lr {record['lr']:.2e}, {record['imgs_per_s']:.1f} img/s")
+            tally.check(args.max_bad_steps, done, args.output_dir)  # after the log line
+        if end_of_epoch:  # validate before the save: a resumed run does not redo it
+            epoch = -(-done // steps_per_epoch)
+            imgs_per_s = (done - epoch_start) * total_batch / (time.time() - t_epoch)
+            m = validate(raw_model, val_loader, device, dtype, channels_last)
+            log['last'] = dict(epoch=epoch, step=done, **m)
+            best = m['acc1'] > log['best_acc1']
+            if best:
+                log['best_acc1'] = m['acc1']
+                log['best_epoch'] = epoch
+        if saving:
+            engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done)
+        if end_of_epoch:
+            if engine.is_main():
                 if best:
-                    log['best_acc1'] = m['acc1']
-                    log['best_epoch'] = epoch
-                engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done)
-                if engine.is_main():
-                    if best:
-                        engine.atomic_save(dict(model=raw_model.state_dict(), args=vars(args), **log['last']),
-                                           os.path.join(args.output_dir, 'checkpoint-best.pth'))
-                    engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), log['last'])
-                    pbar.write(f"epoch {epoch}/{n_epochs}: val top-1 {m['acc1']:.2f}%  top-5 {m['acc5']:.2f}%  loss "
-                               f"{m['val_loss']:.4f}  (best top-1 {log['best_acc1']:.2f}% at epoch "
-                               f"{log['best_epoch']}), {imgs_per_s:.1f} img/s, {(time.time() - t_epoch) / 60:.1f} min")
-                model.train()
-                epoch_start = done
-                t_epoch = time.time()
-                t_log = t_epoch
-            elif args.save_every_steps and done % args.save_every_steps == 0:
-                engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done)
-        pbar.close()
-        last = log['last']
-        if engine.is_main():
-            print(f"done: {args.arch} {'linear probe' if args.linear_probe else 'fine-tuned'} from {args.init}, last "
-                  f"top-1 {last['acc1']:.2f}% top-5 {last['acc5']:.2f}% (epoch {last['epoch']}), best top-1 "
-                  f"{log['best_acc1']:.2f}% (epoch {log['best_epoch']}); {args.output_dir}/checkpoint-best.pth, "
-                  f"{engine.CHECKPOINT}, log.jsonl")
-        results[name] = dict(last, best_acc1=log['best_acc1'], best_epoch=log['best_epoch'])
-    return finish(results, args, demo, len(train_set))
+                    engine.atomic_save(dict(model=raw_model.state_dict(), args=vars(args), **log['last']),
+                                       os.path.join(args.output_dir, 'checkpoint-best.pth'))
+                engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), log['last'])
+                pbar.write(f"epoch {epoch}/{n_epochs}: val top-1 {m['acc1']:.2f}%  top-5 {m['acc5']:.2f}%  loss "
+                           f"{m['val_loss']:.4f}  (best top-1 {log['best_acc1']:.2f}% at epoch "
+                           f"{log['best_epoch']}), {imgs_per_s:.1f} img/s, {(time.time() - t_epoch) / 60:.1f} min")
+            model.train()
+            epoch_start = done
+            t_epoch = time.time()
+            tally.t0 = t_epoch  # img/s of the training steps alone, without the validation
+    pbar.close()
+    last = log['last']
+    if engine.is_main():
+        print(f"done: {args.arch} {what} from {args.init}, last top-1 {last['acc1']:.2f}% top-5 {last['acc5']:.2f}% "
+              f"(epoch {last['epoch']}), best top-1 {log['best_acc1']:.2f}% (epoch {log['best_epoch']}); "
+              f"{args.output_dir}/checkpoint-best.pth, {engine.CHECKPOINT}, log.jsonl")
+    return dict(last, best_acc1=log['best_acc1'], best_epoch=log['best_epoch'], n_train=len(train_set))
 
 
 def finetune_step(model, micro_batches, optimizer, scaler, params, criterion, mixer, args, dtype):
@@ -363,107 +344,50 @@ def finetune_step(model, micro_batches, optimizer, scaler, params, criterion, mi
     return step_loss, norm
 
 
-def mean_or_nan(total, n):
-    """A log interval's mean over its n good steps; NaN when every step was skipped (n = 0)."""
-    return total / n if n else float('nan')
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # Settings: the one override rule, and the user mistakes that would otherwise surface deep inside torch
 
 def settle_args(args, demo, meta):
     """Fills the flags left unset (None), in order: the model (the --init checkpoint's arch, else vit_base; the demo:
-    the checkpoint's arch, img size and patch size), the demo's scale, then the mode's recipe. An explicit flag always
-    wins. meta: the pre-training run's args ({} unless --init is a train.py checkpoint).
+    the checkpoint's arch, img size and patch size), the demo's scale, then the recipe of the mode and arch. An
+    explicit flag always wins. meta: the pre-training run's args ({} unless --init is a train.py checkpoint).
     -> {name: value} taken, to print (--knn: only what kNN reads)."""
+    taken = {}
+
+    def apply(values):
+        taken.update(engine.apply_recipe(args, {k: v for k, v in values.items() if not args.knn or k in KNN_SETTINGS}))
+    size = meta.get('img_size', 32)  # train.py's demo: vit_tiny, 32 px, patch 4
+    apply(dict(arch=meta.get('arch', 'vit_tiny'), img_size=size, test_img_size=size,
+               patch_size=meta.get('patch_size', 4)) if demo else dict(arch=meta.get('arch', 'vit_base')))
     if demo:
-        size = meta.get('img_size', 32)  # train.py's demo: vit_tiny, 32 px, patch 4
-        model = dict(arch=meta.get('arch', 'vit_tiny'), img_size=size, test_img_size=size,
-                     patch_size=meta.get('patch_size', 4))
+        apply(DEMO_PROBE if args.linear_probe else DEMO)
+    if args.knn or args.linear_probe:
+        apply(KNN if args.knn else PROBE)
+    elif args.arch == 'resnet50':
+        apply(RESNET[args.recipe or 300])
+    elif args.arch == 'vit_base':
+        apply(VIT_B_REVDET if meta.get('task') == 'revdet' else VIT_B)  # Table 10's lr depends on the task
     else:
-        model = dict(arch=meta.get('arch', 'vit_base'))
-    taken = apply_for_mode(args, model)
-    if demo:
-        taken.update(apply_for_mode(args, DEMO_PROBE if args.linear_probe else DEMO))
-    taken.update(apply_for_mode(args, recipe_for(args, meta.get('task', 'respix'))))
+        apply(VIT_S)
     return taken
 
 
-def apply_for_mode(args, values):
-    """engine.apply_recipe with, under --knn, only the settings kNN reads. -> {name: value} taken."""
-    if args.knn:
-        values = {k: v for k, v in values.items() if k in KNN_SETTINGS}
-    return engine.apply_recipe(args, values)
-
-
-def recipe_for(args, task):
-    """The recipe of this mode and architecture; task: the pre-training task (Table 10's ViT-B lr depends on it)."""
-    if args.knn:
-        return KNN
-    if args.linear_probe:
-        return PROBE
-    if args.arch == 'resnet50':
-        return RESNET[args.recipe or 300]
-    if args.arch == 'vit_base':
-        return VIT_B_REVDET if task == 'revdet' else VIT_B
-    return VIT_S
-
-
 def check_args(args):
-    """User mistakes that would otherwise surface deep inside torch: one clear line each."""
+    """User mistakes the flags' own types cannot see (they involve two flags): one clear line each."""
     if args.knn and args.linear_probe:
         raise engine.UserError('--knn and --linear-probe are separate modes; pick one')
     if args.recipe is not None and (args.arch != 'resnet50' or args.knn or args.linear_probe):
         raise engine.UserError(f'--recipe selects a Table 11 column for resnet50 fine-tuning; {args.arch} '
                                f"{'uses Table 10' if args.arch != 'resnet50' else 'has no column for kNN or a probe'}")
-    optional = tuple(k for k in ('subset', 'max_steps') if getattr(args, k) is not None)
-    if not 0 < args.crop_ratio <= 1:
-        raise engine.UserError(f'--crop-ratio must be in (0, 1], got {args.crop_ratio}')
     vit = args.arch in cim.VIT_CONFIGS
-    if args.knn:
-        engine.check_positive(args, ('batch_size', 'test_img_size', 'knn_k') + optional)
-        if vit and args.test_img_size % args.patch_size:
-            raise engine.UserError(f'--test-img-size {args.test_img_size} is not divisible by --patch-size '
-                                   f'{args.patch_size}')
-        return
-    engine.check_positive(args, ('batch_size', 'accum_iter', 'epochs', 'log_every', 'max_bad_steps', 'repeated_aug',
-                                 'img_size', 'test_img_size') + optional)
-    if not 0 <= args.warmup_epochs <= args.epochs:
+    if vit and args.test_img_size % args.patch_size:
+        raise engine.UserError(f'--test-img-size {args.test_img_size} is not divisible by --patch-size '
+                               f'{args.patch_size}')
+    if not args.knn and not args.warmup_epochs <= args.epochs:
         raise engine.UserError(f'--warmup-epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}')
-    if not 0 < args.min_crop_scale <= 1:
-        raise engine.UserError(f'--min-crop-scale must be in (0, 1], got {args.min_crop_scale}')
-    if not 0 <= args.smoothing < 1 or not 0 <= args.reprob <= 1:
-        raise engine.UserError('--smoothing must be in [0, 1), --reprob in [0, 1]')
-    if not args.linear_probe and not 0 <= args.drop_path < 1:
-        raise engine.UserError(f'--drop-path must be in [0, 1), got {args.drop_path}')
-    if args.mixup < 0 or args.cutmix < 0 or not 0 <= args.randaug <= 10:
-        raise engine.UserError('--mixup / --cutmix must be >= 0 and --randaug in 0..10')
-    if vit and args.img_size % args.patch_size:
-        raise engine.UserError(f'--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}')
-    if vit and args.test_img_size != args.img_size:
+    if not args.knn and vit and args.test_img_size != args.img_size:
         raise engine.UserError(f'a ViT has position embeddings for one resolution: --test-img-size '
                                f'{args.test_img_size} must equal --img-size {args.img_size}')
-
-
-def demo_runs(args):
-    """The demo's runs, (name, --init, output folder): the pre-trained checkpoint, then random init on the same
-    schedule (only the latter with --init none)."""
-    runs = [('random init', 'none', os.path.join(args.output_dir, 'scratch'))]
-    if args.init != 'none':
-        runs.insert(0, ('pre-trained', args.init, os.path.join(args.output_dir, 'pretrained')))
-    return runs
-
-
-def finish(results, args, demo, n_train):
-    """The demo prints its runs side by side. -> results ({name: metrics}); without the demo, the one run's metrics."""
-    if not demo:
-        return results['run']
-    if engine.is_main():
-        key = 'knn_acc1' if args.knn else 'acc1'
-        how = 'kNN' if args.knn else f'{args.epochs} epochs'
-        print(f'Fashion-MNIST test top-1, {args.arch}, {how} on {n_train} training images: '
-              + '  vs  '.join(f'{name} {r[key]:.2f}%' for name, r in results.items()))
-    return results
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -741,35 +665,17 @@ def validate(model, loader, device, dtype, channels_last=False):
                 n_val=int(n))
 
 
-def knn_runs(runs, train_set, val_loader, bn_loader, args, rank, device, dtype):
-    """--knn: kNN top-1 (%) of each run's backbone on the validation set, the (clean) training images as neighbours.
-    -> {name: dict(knn_acc1=...)}; each run logs to OUTPUT_DIR/log.jsonl."""
+def knn(backbone, train_set, val_loader, bn_loader, args, rank, device, dtype):
+    """--knn: kNN top-1 (%) of the pooled features (cosine, DINO's weighted vote) on the validation set, the clean
+    training images as neighbours, BN statistics re-estimated on bn_loader first (docstring). Every rank embeds its
+    shard of both sets, gathers all training features and classifies its validation shard; the counts are summed
+    over ranks. -> dict(knn_acc1, n_train); logged to OUTPUT_DIR/log.jsonl."""
+    if engine.is_main():
+        bn = '; BN statistics re-estimated on clean training images first' if args.arch == 'resnet50' else ''
+        print(f'kNN (k={args.knn_k}, T={args.knn_t}) of {args.arch} from {args.init}: {len(train_set)} training images '
+              f'as neighbours, {len(val_loader.dataset)} val images{bn}')
     train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, num_workers=args.num_workers,
                                                sampler=engine.ShardSampler(len(train_set), args.world_size, rank))
-    results = {}
-    for name, init, output_dir in runs:
-        args.init = init
-        torch.manual_seed(args.seed)
-        backbone = build_model(args, device)  # weights that do not fit fail here, before the output folder exists
-        if engine.is_main():
-            bn_note = ''
-            if args.arch == 'resnet50':
-                bn_note = '; BN statistics re-estimated on clean training images first'
-            print(f'kNN (k={args.knn_k}, T={args.knn_t}) of {args.arch} from {init}: {len(train_set)} training images '
-                  f'as neighbours, {len(val_loader.dataset)} val images{bn_note}')
-        acc = knn_top1(backbone, train_loader, val_loader, bn_loader, args, device, dtype)
-        os.makedirs(output_dir, exist_ok=True)
-        if engine.is_main():
-            print(f'kNN top-1 of {args.arch} from {init}: {acc:.2f}%')
-            engine.log_jsonl(os.path.join(output_dir, 'log.jsonl'), dict(knn_acc1=acc, init=init))
-        results[name] = dict(knn_acc1=acc)
-    return results
-
-
-def knn_top1(backbone, train_loader, val_loader, bn_loader, args, device, dtype):
-    """kNN top-1 (%) of the pooled features (cosine, DINO's weighted vote), BN statistics re-estimated on bn_loader
-    first (docstring): every rank embeds its shard of both sets, gathers all training features and classifies its
-    validation shard; the counts are summed over ranks."""
     engine.recompute_bn_stats(backbone, bn_loader, device, dtype)
     feats = functools.partial(cim.pooled_features, backbone)
     train_feats, train_labels = engine.extract_features(feats, train_loader, device, dtype)
@@ -780,7 +686,12 @@ def knn_top1(backbone, train_loader, val_loader, bn_loader, args, device, dtype)
                               T=args.knn_t)
     counts = engine.sum_over_ranks(torch.tensor([acc * len(val_feats), len(val_feats)], device=device,
                                                 dtype=torch.float64))
-    return 100 * float(counts[0] / counts[1])
+    acc = 100 * float(counts[0] / counts[1])
+    os.makedirs(args.output_dir, exist_ok=True)
+    if engine.is_main():
+        print(f'kNN top-1 of {args.arch} from {args.init}: {acc:.2f}%')
+        engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(knn_acc1=acc, init=args.init))
+    return dict(knn_acc1=acc, n_train=len(train_set))
 
 
 def all_gather_rows(x):
@@ -799,13 +710,7 @@ def all_gather_rows(x):
 
 
 SAME_ARGS = ('arch', 'linear_probe', 'num_classes', 'img_size', 'patch_size', 'subset', 'batch_size', 'accum_iter',
-             'world_size', 'repeated_aug')
-
-
-def resume(path, model, optimizer, scaler, args, rank, log):
-    """Loads a checkpoint of the same model, data and batch layout -> optimizer steps done; restores RNG states."""
-    state, _ = engine.load_training_state(path, model, optimizer, scaler, args, rank, log, SAME_ARGS)
-    return state['step']
+             'world_size', 'repeated_aug')  # what a resumed run must share with its checkpoint
 
 
 if __name__ == '__main__':

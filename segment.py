@@ -24,6 +24,7 @@
 torchvision / timm state dict. Outputs in --output-dir: log.jsonl, checkpoint-last.pth (resumable),
 checkpoint-best.pth, stepNNNNNN.png (image / ground truth / prediction at each evaluation).
 """
+import argparse
 import contextlib
 import math
 import os
@@ -73,28 +74,27 @@ DEMO_THRESHOLD = 16     # pixels darker than this (of 255) are background
 
 
 def get_args_parser():
-    recipes = {'--arch resnet50, the default (mmseg fcn_r50-d8)': FCN_R50,
-               '--arch vit_* (Table 3a: vit_base; the paper + BEiT)': VIT_LINEAR,
-               "demo (no --data), before the arch's recipe; --arch / --patch-size: the checkpoint's; warmup: 10% "
-               "of --max-steps": DEMO}
-    p = engine.ArgumentParser(description='ADE20K semantic segmentation (Table 3) of CIM-pre-trained backbones.',
-                              epilog=engine.recipe_epilog(recipes))
+    recipes = {'resnet50 (mmseg fcn_r50-d8)': FCN_R50, 'vit_* (Table 3a + BEiT)': VIT_LINEAR,
+               'demo': dict(DEMO, warmup_steps='10% of --max-steps')}
+    p = engine.ArgumentParser(description='ADE20K semantic segmentation (Table 3) of CIM-pre-trained backbones. A '
+                                          "flag left unset takes its recipe's value (the demo's first, then the "
+                                          "arch's); an explicit flag always wins.", recipes=recipes)
     g = p.add_argument_group('model')
     g.add_argument('--arch', choices=cim.ARCHS, help="backbone; default: resnet50, demo: the checkpoint's")
     g.add_argument('--init', metavar='PATH', help="pre-trained weights (train.py checkpoint or --export, torchvision / "
                                                   "timm state dict) or 'none' (from scratch); demo: "
                                                   "out/demo/checkpoint-last.pth")
-    g.add_argument('--patch-size', type=int, help='ViT')
-    g.add_argument('--drop-path', type=float, help='stochastic depth at the last block')
+    g.add_argument('--patch-size', type=engine.POSITIVE, help='ViT')
+    g.add_argument('--drop-path', type=engine.PROBABILITY, help='stochastic depth at the last block')
     g.add_argument('--aux-weight', type=float, help='loss weight of the FCN auxiliary head on layer3')
     g = p.add_argument_group('optimization (steps = iterations)')
-    g.add_argument('--max-steps', type=int, help='optimizer steps (Table 3: 80000 or 160000)')
-    g.add_argument('--batch-size', type=int, help='per GPU (process); total = x GPUs x --accum-iter')
-    g.add_argument('--accum-iter', type=int, default=1, help='gradient accumulation steps')
+    g.add_argument('--max-steps', type=engine.POSITIVE, help='optimizer steps (Table 3: 80000 or 160000)')
+    g.add_argument('--batch-size', type=engine.POSITIVE, help='per GPU (process); total = x GPUs x --accum-iter')
+    g.add_argument('--accum-iter', type=engine.POSITIVE, default=1, help='gradient accumulation steps')
     g.add_argument('--lr', type=float, help='peak lr (not rescaled with the batch): SGD (resnet50), AdamW (ViT)')
     g.add_argument('--min-lr', type=float, help='end of the poly decay')
     g.add_argument('--power', type=float, help='poly decay power')
-    g.add_argument('--warmup-steps', type=int, help='linear lr warmup')
+    g.add_argument('--warmup-steps', type=engine.NON_NEGATIVE, help='linear lr warmup')
     g.add_argument('--weight-decay', type=float, help='resnet50: on every parameter (mmseg); ViT: not on norms, '
                                                       'biases, embeddings')
     g.add_argument('--momentum', type=float, help='SGD (resnet50)')
@@ -102,16 +102,18 @@ def get_args_parser():
     g.add_argument('--layer-decay', type=float, help='ViT layer-wise lr decay')
     g = p.add_argument_group('data and evaluation (mmseg ADE20K pipeline)')
     g.add_argument('--data', metavar='DIR', help='ADEChallengeData2016 folder; none: the Fashion-MNIST demo')
-    g.add_argument('--subset', type=int, help='use this many training images, drawn at random (seeded); default: all')
-    g.add_argument('--img-size', type=int, help='training crop, and the sliding window')
-    g.add_argument('--scale', type=int, nargs=2, metavar=('LONG', 'SHORT'),
+    g.add_argument('--subset', type=engine.POSITIVE, help='use this many training images, drawn at random (seeded)')
+    g.add_argument('--img-size', type=engine.POSITIVE, help='training crop, and the sliding window')
+    g.add_argument('--scale', type=engine.POSITIVE, nargs=2, metavar=('LONG', 'SHORT'),
                    help='keep-ratio rescale target (training: times --ratio-range; test: as is)')
     g.add_argument('--ratio-range', type=float, nargs=2, metavar=('LOW', 'HIGH'))
-    g.add_argument('--cat-max-ratio', type=float, default=0.75, help='crops where one class covers more are redrawn')
+    g.add_argument('--cat-max-ratio', type=engine.FRACTION, default=0.75, help='crops where one class covers more '
+                                                                               'are redrawn (mmseg)')
     g.add_argument('--eval-mode', choices=('whole', 'slide'), help='whole image or sliding windows')
-    g.add_argument('--stride', type=int, help='sliding-window stride; default: 2/3 of --img-size')
-    g.add_argument('--eval-every', type=int, help='optimizer steps between evaluations')
-    g.add_argument('--vis-images', type=int, default=4, help='validation images in the PNG written at each eval')
+    g.add_argument('--stride', type=engine.POSITIVE, help='sliding-window stride; default: 2/3 of --img-size')
+    g.add_argument('--eval-every', type=engine.POSITIVE, help='optimizer steps between evaluations')
+    g.add_argument('--vis-images', type=engine.NON_NEGATIVE, default=4, help='validation images in the PNG of each '
+                                                                             'evaluation')
     engine.add_common_args(p, 'default: out/seg_<arch>')
     return p
 
@@ -122,26 +124,43 @@ def main(argv=None):
     rank, args.world_size, device = engine.init_distributed()
     args.init, meta = engine.resolve_init(args.init, demo)  # meta: the pre-training run's args ({} if none)
     taken = {}
-    if demo:
+    if demo:  # the demo's scale, then the checkpoint's network
         taken.update(engine.apply_recipe(args, DEMO))
-        runtime = dict(arch=meta.get('arch', 'vit_tiny'), patch_size=meta.get('patch_size', 4),
-                       warmup_steps=args.max_steps // 10)
-        taken.update(engine.apply_recipe(args, runtime))
+        taken.update(engine.apply_recipe(args, dict(arch=meta.get('arch', 'vit_tiny'),
+                                                    patch_size=meta.get('patch_size', 4),
+                                                    warmup_steps=args.max_steps // 10)))
     taken.update(engine.apply_recipe(args, FCN_R50 if args.arch in (None, 'resnet50') else VIT_LINEAR))
     args.stride = args.stride or args.img_size * 2 // 3  # BEiT: 341 for 512 windows
     args.output_dir = args.output_dir or os.path.join('out', f'seg_{args.arch}')
     check_args(args, device)
-    dtype = engine.resolve_amp(args.amp, device)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
     if engine.is_main():
         intro = 'no --data: the built-in demo, 2x2 mosaics of Fashion-MNIST items (64 px, 11 classes); ' if demo else ''
         print(f'{intro}unset flags take: {engine.flags(taken)}')
+    if not demo:
+        return run(args, rank, device)
+    # the demo: the pre-trained checkpoint, then random init on the same schedule, side by side
+    results = {}
+    for name, init, sub in (('pre-trained', args.init, 'pretrained'), ('random init', 'none', 'scratch')):
+        if args.init != 'none' or init == 'none':
+            results[name] = run(argparse.Namespace(**dict(vars(args), init=init, output_dir=os.path.join(
+                args.output_dir, sub))), rank, device)
+    if engine.is_main():
+        comparison = '  vs  '.join(f"{name} {r['mIoU']:.2f}%" for name, r in results.items())
+        print(f"Fashion-MNIST mosaics, val mIoU after {args.max_steps} steps on {results['random init']['n_train']} "
+              f"training mosaics ({args.arch}, linear decoder): {comparison}")
+    return results
+
+
+def run(args, rank, device):
+    """One segmentation run with the settled args -> its metrics."""
+    dtype = engine.resolve_amp(args.amp, device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
 
     # data: read and checked before anything is written
     train_tf = train_transform(args.img_size, args.scale, args.ratio_range, args.cat_max_ratio)
     test_tf = TestTransform(args.scale)
-    if demo:
+    if args.data is None:
         train_set, val_set, classes = demo_mosaics(train_tf, test_tf)
     else:
         train_set = ADE20K(args.data, 'training', train_tf)
@@ -159,151 +178,100 @@ def main(argv=None):
     total_batch = args.batch_size * args.world_size * args.accum_iter
     lrs = poly_schedule(args.lr, args.min_lr, args.max_steps, args.warmup_steps, args.power)
 
-    # one run; the demo makes two of the same schedule, from the pre-trained checkpoint and from random init
-    runs = [(args.init, args.output_dir)]
-    if demo:
-        runs = [(args.init, os.path.join(args.output_dir, 'pretrained')),
-                ('none', os.path.join(args.output_dir, 'scratch'))]
-        if args.init == 'none':
-            runs = runs[1:]
-    results = {}
-    for init, output_dir in runs:
-        args.init = init
-        args.output_dir = output_dir
-
-        # model (the weights are checked as they load), optimizer, resume, then the DDP wrap
-        torch.manual_seed(args.seed)
-        model = build_model(args, sync_bn=args.world_size > 1 and device.type == 'cuda').to(device)
-        optimizer = build_optimizer(model, args)
-        # fp16: dynamic loss scaling. bf16 / fp32: the scale stays 1 and the scaler does the other half of its job,
-        # skipping a step whose gradients are not finite, on the device (no host sync)
-        scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == torch.float16 else 1.0)
-        engine.seed_rank(args.seed, rank)  # from here on, dropout and stochastic depth differ across ranks
-        log = dict(n_bad_images=0, skipped_steps=0, best_mIoU=-1.0, best_step=0, last={})
-        start_step = 0
-        engine.lock_output_dir(args.output_dir)  # one live run per folder
-        ckpt = args.resume or engine.find_checkpoint(args.output_dir)
-        if ckpt:
-            start_step = resume(ckpt, model, optimizer, scaler, args, rank, log)
-        raw_model = model  # the network itself: what is saved, evaluated and drawn
-        ddp = args.world_size > 1
-        if ddp:
-            model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
-        if engine.is_main():
-            decoder = 'FCN' if args.arch == 'resnet50' else 'linear'
-            print(f'{args.arch} + {decoder} from {args.init}: {len(train_set)} training / {len(val_set)} val images, '
-                  f'{args.num_classes} classes, {args.max_steps} steps ({steps_per_epoch} per epoch), total batch '
-                  f'{total_batch} ({args.world_size} x {args.batch_size} x {args.accum_iter}), peak lr '
-                  f'{args.lr:.2e}, amp {dtype or "off"}, eval {args.eval_mode}, output {args.output_dir}')
-
-        # ---- the loop: one optimizer step per iteration; logs every --log-every, evaluates every --eval-every ----
-        params = [p for p in raw_model.parameters() if p.requires_grad]
-        keys = ('loss', 'aux_loss', 'grad_norm') if args.arch == 'resnet50' else ('loss', 'grad_norm')
-        # summed on the device over the log interval, then over ranks at the log (the one host sync):
-        # [0:K] each key's sum over the good steps, [K] good steps, [K+1] skipped steps
-        sums = torch.zeros(len(keys) + 2, device=device)
-        bad_run = torch.zeros((), device=device)  # consecutive skipped steps (not reset at a log)
-        n_bad = torch.zeros((), dtype=torch.long)  # unreadable files the loader skipped (CPU, summed without a sync)
-        batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
-        pbar = engine.progress(total=args.max_steps, initial=start_step, desc='train')
-        logged = start_step
-        t_log = time.time()
-        model.train()
-        for step in range(start_step, args.max_steps):
-            for g in optimizer.param_groups:
-                g['lr'] = lrs[step] * g['lr_scale']
-            micro_batches = []
-            for _ in range(args.accum_iter):
-                imgs, masks, skipped_files = next(batches)
-                micro_batches.append((imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)))
-                n_bad += skipped_files.sum()
-            metrics, norm = segment_step(model, micro_batches, optimizer, scaler, params, args, dtype)
-            good = norm.isfinite()  # a skipped step adds to the counts only
-            sums[:-2] += torch.where(good, torch.cat([metrics, norm.float().view(1)]), 0.0)
-            sums[-2] += good.float()
-            sums[-1] += (~good).float()
-            bad_run = torch.where(good, 0.0, bad_run + 1)
-            pbar.update()
-
-            done = step + 1
-            saving = done == args.max_steps or (args.save_every_steps and done % args.save_every_steps == 0)
-            if done % args.log_every == 0 or saving:  # a checkpoint closes the interval: a resume starts anew
-                # host sync: the one per log interval; [sums, bad_run, n_bad] summed over ranks
-                totals = engine.sum_over_ranks(torch.cat([sums, bad_run.view(1), n_bad.to(device).view(1)])).tolist()
-                n_good = totals[len(keys)]
-                log['skipped_steps'] += round(totals[len(keys) + 1] / args.world_size)
-                log['n_bad_images'] += round(totals[-1])
-                now = time.time()
-                record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step])
-                for i, k in enumerate(keys):
-                    record[k] = totals[i] / n_good if n_good else float('nan')
-                record.update(imgs_per_s=(done - logged) * total_batch / (now - t_log),
-                              n_bad_images=log['n_bad_images'], skipped_steps=log['skipped_steps'])
-                logged = done
-                t_log = now
-                sums.zero_()
-                n_bad.zero_()
-                if engine.is_main():
-                    engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
-                    aux = f" (aux {record['aux_loss']:.4f})" if 'aux_loss' in record else ''
-                    pbar.write(f"step {done}/{args.max_steps}: loss {record['loss']:.4f}{aux}, grad norm "
-                               f"{record['grad_norm']:.3f}, lr {record['lr']:.2e}, {record['imgs_per_s']:.1f} img/s")
-                if totals[len(keys) + 2] / args.world_size >= args.max_bad_steps:
-                    raise engine.TrainingError(f'{args.max_bad_steps} consecutive steps had a non-finite loss or '
-                                               f'gradients and were skipped; stopped at step {done} (the last good '
-                                               f'checkpoint is in {args.output_dir}); try a lower --lr')
-            if done % args.eval_every == 0 or done == args.max_steps:  # before the save: a resume does not redo it
-                m = validate(raw_model, val_loader, args, device, dtype)
-                log['last'] = dict(step=done, mIoU=m['mIoU'], aAcc=m['aAcc'], mAcc=m['mAcc'], n_val=m['n_val'])
-                if m['mIoU'] > log['best_mIoU']:
-                    log['best_mIoU'] = m['mIoU']
-                    log['best_step'] = done
-                    if engine.is_main():
-                        engine.atomic_save(dict(model=raw_model.state_dict(), args=vars(args), **log['last']),
-                                           os.path.join(args.output_dir, 'checkpoint-best.pth'))
-                if engine.is_main():
-                    iou = {c: None if math.isnan(v) else round(v, 2) for c, v in zip(classes, m['IoU'])}
-                    engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(log['last'], IoU=iou))
-                    png = ''
-                    if args.vis_images:
-                        png = os.path.join(args.output_dir, f'step{done:06d}.png')
-                        save_predictions(png, raw_model, val_set, args, device, dtype)
-                    pbar.write(f"step {done}/{args.max_steps}: val mIoU {m['mIoU']:.2f}, aAcc {m['aAcc']:.2f}, mAcc "
-                               f"{m['mAcc']:.2f} (best mIoU {log['best_mIoU']:.2f} at step {log['best_step']}) {png}")
-                model.train()
-            if saving:
-                engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done)
-        pbar.close()
-
-        last = log['last']
-        result = dict(last, best_mIoU=log['best_mIoU'], best_step=log['best_step'])
-        results['random init' if init == 'none' else 'pre-trained'] = result
-        if engine.is_main():
-            print(f"done: {args.arch} from {args.init}, single-scale val mIoU {last['mIoU']:.2f} aAcc "
-                  f"{last['aAcc']:.2f} mAcc {last['mAcc']:.2f} at step {last['step']} (best mIoU "
-                  f"{log['best_mIoU']:.2f} at step {log['best_step']}); {args.output_dir}/checkpoint-best.pth, "
-                  f"{engine.CHECKPOINT}, log.jsonl")
-    if not demo:
-        return result
+    # model (the weights are checked as they load), optimizer, resume, then the DDP wrap
+    torch.manual_seed(args.seed)
+    model = build_model(args, sync_bn=args.world_size > 1 and device.type == 'cuda').to(device)
+    optimizer = build_optimizer(model, args)
+    # fp16: dynamic loss scaling. bf16 / fp32: the scale stays 1 and the scaler does the other half of its job,
+    # skipping a step whose gradients are not finite, on the device (no host sync)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == torch.float16 else 1.0)
+    engine.seed_rank(args.seed, rank)  # from here on, dropout and stochastic depth differ across ranks
+    log = dict(n_bad_images=0, skipped_steps=0, best_mIoU=-1.0, best_step=0, last={})
+    start_step = 0
+    engine.lock_output_dir(args.output_dir)  # one live run per folder
+    ckpt = args.resume or engine.find_checkpoint(args.output_dir)
+    if ckpt:
+        start_step = engine.load_training_state(ckpt, model, optimizer, scaler, args, rank, log, SAME_ARGS)[0]['step']
+    raw_model = model  # the network itself: what is saved, evaluated and drawn
+    if args.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if engine.is_main():
-        comparison = '  vs  '.join(f"{name} {r['mIoU']:.2f}%" for name, r in results.items())
-        print(f'Fashion-MNIST mosaics, val mIoU after {args.max_steps} steps on {len(train_set)} training mosaics '
-              f'({args.arch}, linear decoder): {comparison}')
-    return results
+        decoder = 'FCN' if args.arch == 'resnet50' else 'linear'
+        print(f'{args.arch} + {decoder} from {args.init}: {len(train_set)} training / {len(val_set)} val images, '
+              f'{args.num_classes} classes, {args.max_steps} steps ({steps_per_epoch} per epoch), total batch '
+              f'{total_batch} ({args.world_size} x {args.batch_size} x {args.accum_iter}), peak lr '
+              f'{args.lr:.2e}, amp {dtype or "off"}, eval {args.eval_mode}, output {args.output_dir}')
+
+    # ---- the loop: one optimizer step per iteration; logs every --log-every, evaluates every --eval-every --------
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    keys = ('loss', 'aux_loss') if args.arch == 'resnet50' else ('loss',)
+    tally = engine.Tally(keys, total_batch, device)  # the log interval's sums, on the device
+    batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
+    pbar = engine.progress(total=args.max_steps, initial=start_step, desc='train')
+    model.train()
+    for step in range(start_step, args.max_steps):
+        for g in optimizer.param_groups:
+            g['lr'] = lrs[step] * g['lr_scale']  # poly decay (mmseg), times the group's layer decay (ViT)
+        micro_batches = []
+        n_bad = 0
+        for _ in range(args.accum_iter):
+            imgs, masks, skipped_files = next(batches)
+            micro_batches.append((imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)))
+            n_bad = n_bad + skipped_files
+        metrics, norm = segment_step(model, micro_batches, optimizer, scaler, params, args, dtype)
+        tally.add(metrics, norm, n_bad)  # no host sync: the step's numbers stay on the device until the log
+        pbar.update()
+
+        done = step + 1
+        saving = done == args.max_steps or (args.save_every_steps and done % args.save_every_steps == 0)
+        if done % args.log_every == 0 or saving:  # a checkpoint closes the interval, so a resume starts a new one
+            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step],
+                          **tally.close(log))  # the host sync
+            if engine.is_main():
+                engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
+                aux = f" (aux {record['aux_loss']:.4f})" if 'aux_loss' in record else ''
+                pbar.write(f"step {done}/{args.max_steps}: loss {record['loss']:.4f}{aux}, grad norm "
+                           f"{record['grad_norm']:.3f}, lr {record['lr']:.2e}, {record['imgs_per_s']:.1f} img/s")
+            tally.check(args.max_bad_steps, done, args.output_dir)  # after the log line
+        if done % args.eval_every == 0 or done == args.max_steps:  # before the save: a resume does not redo it
+            m = validate(raw_model, val_loader, args, device, dtype)
+            log['last'] = dict(step=done, mIoU=m['mIoU'], aAcc=m['aAcc'], mAcc=m['mAcc'], n_val=m['n_val'])
+            if m['mIoU'] > log['best_mIoU']:
+                log['best_mIoU'] = m['mIoU']
+                log['best_step'] = done
+                if engine.is_main():
+                    engine.atomic_save(dict(model=raw_model.state_dict(), args=vars(args), **log['last']),
+                                       os.path.join(args.output_dir, 'checkpoint-best.pth'))
+            if engine.is_main():
+                iou = {c: None if math.isnan(v) else round(v, 2) for c, v in zip(classes, m['IoU'])}
+                engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(log['last'], IoU=iou))
+                png = ''
+                if args.vis_images:
+                    png = os.path.join(args.output_dir, f'step{done:06d}.png')
+                    save_predictions(png, raw_model, val_set, args, device, dtype)
+                pbar.write(f"step {done}/{args.max_steps}: val mIoU {m['mIoU']:.2f}, aAcc {m['aAcc']:.2f}, mAcc "
+                           f"{m['mAcc']:.2f} (best mIoU {log['best_mIoU']:.2f} at step {log['best_step']}) {png}")
+            model.train()
+            tally.t0 = time.time()  # img/s of the training steps alone, without the evaluation
+        if saving:
+            engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done)
+    pbar.close()
+    last = log['last']
+    if engine.is_main():
+        print(f"done: {args.arch} from {args.init}, single-scale val mIoU {last['mIoU']:.2f} aAcc "
+              f"{last['aAcc']:.2f} mAcc {last['mAcc']:.2f} at step {last['step']} (best mIoU "
+              f"{log['best_mIoU']:.2f} at step {log['best_step']}); {args.output_dir}/checkpoint-best.pth, "
+              f"{engine.CHECKPOINT}, log.jsonl")
+    return dict(last, best_mIoU=log['best_mIoU'], best_step=log['best_step'], n_train=len(train_set))
 
 
 def check_args(args, device):
-    """User mistakes that would otherwise surface deep inside torch: one clear line each."""
-    engine.check_positive(args, ('max_steps', 'batch_size', 'accum_iter', 'img_size', 'stride', 'eval_every',
-                                 'log_every', 'max_bad_steps') + (('subset',) if args.subset is not None else ()))
+    """User mistakes the flags' own types cannot see (they involve two flags): one clear line each."""
     if not 0 <= args.warmup_steps <= args.max_steps:
         raise engine.UserError(f'--warmup-steps {args.warmup_steps} must be between 0 and --max-steps '
                                f'{args.max_steps}')
-    if min(args.scale) < 1 or not 0 < args.ratio_range[0] <= args.ratio_range[1] or not 0 < args.cat_max_ratio <= 1:
-        raise engine.UserError('--scale must be positive, --ratio-range LOW HIGH with 0 < LOW <= HIGH, '
-                               '--cat-max-ratio in (0, 1]')
-    if not 0 <= args.drop_path < 1:
-        raise engine.UserError(f'--drop-path must be in [0, 1), got {args.drop_path}')
+    if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
+        raise engine.UserError('--ratio-range LOW HIGH needs 0 < LOW <= HIGH')
     if args.arch in cim.VIT_CONFIGS:
         if args.img_size % args.patch_size:
             raise engine.UserError(f'--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}')
@@ -902,13 +870,8 @@ def save_predictions(path, model, dataset, args, device, dtype):
 # ------------------------------------------------------------------------------------------------------------------
 # Checkpoints: model, optimizer, scaler, RNG states, step (the sampler position follows from it), log
 
-SAME_ARGS = ('arch', 'patch_size', 'img_size', 'num_classes', 'subset', 'batch_size', 'accum_iter', 'world_size')
-
-
-def resume(path, model, optimizer, scaler, args, rank, log):
-    """Loads a checkpoint of the same model, data and batch layout (else a one-line UserError) -> steps done."""
-    state, _ = engine.load_training_state(path, model, optimizer, scaler, args, rank, log, SAME_ARGS)
-    return state['step']
+SAME_ARGS = ('arch', 'patch_size', 'img_size', 'num_classes', 'subset', 'batch_size', 'accum_iter',
+             'world_size')  # what a resumed run must share with its checkpoint
 
 
 if __name__ == '__main__':

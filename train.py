@@ -51,46 +51,47 @@ DEMO_TOKENIZER_STEPS = 300
 
 
 def get_args_parser():
-    p = engine.ArgumentParser(description='CIM pre-training (Fang et al., ICLR 2023). Defaults: Table 9.',
-                              epilog=engine.recipe_epilog({'Table 9 (with --data)': PAPER, 'demo (no --data)': DEMO}))
+    p = engine.ArgumentParser(description='CIM pre-training (Fang et al., ICLR 2023). A flag left unset takes its '
+                                          "recipe's value (Table 9 with --data, the demo without); an explicit flag "
+                                          'always wins.', recipes={'Table 9': PAPER, 'demo': DEMO})
     g = p.add_argument_group('model (Sec. 2, Table 9)')
     g.add_argument('--arch', choices=cim.ARCHS, help='the enhancer')
     g.add_argument('--task', default='respix', choices=cim.TASKS, help='enhancer objective (Sec. 2.2)')
-    g.add_argument('--img-size', type=int, help='enhancer input resolution')
-    g.add_argument('--patch-size', type=int, help='token grid = img-size / patch-size')
+    g.add_argument('--img-size', type=engine.POSITIVE, help='enhancer input resolution')
+    g.add_argument('--patch-size', type=engine.POSITIVE, help='token grid = img-size / patch-size')
     g.add_argument('--tokenizer', metavar='PATH', help='DALL-E folder (encoder.pkl, decoder.pkl) or a dvae.py .pt; '
                                                        'demo: trains OUTPUT_DIR/tokenizer.pt')
-    g.add_argument('--gen-depth', type=int, default=4, help='small BEiT depth (Table 5: 4-7)')
-    g.add_argument('--gen-width', type=int, default=None, help='default: the ViT enhancer width, 384 for resnet50')
+    g.add_argument('--gen-depth', type=engine.POSITIVE, default=4, help='small BEiT depth (Table 5: 4-7)')
+    g.add_argument('--gen-width', type=int, help='default: the ViT enhancer width, 384 for resnet50 (Table 9)')
     g.add_argument('--no-share', action='store_true', help='ViT: do not share patch embedding + 2 blocks (Table 5)')
     g.add_argument('--mask-ratio', type=float, nargs=2, default=(100 / 196, 120 / 196), metavar=('MIN', 'MAX'),
-                   help='masked fraction range: 100/196 to 120/196 (100-120 of 196 patches)')
+                   help='masked fraction range, Eq. 1: 100/196 to 120/196 (100-120 of 196 patches)')
     g.add_argument('--mask-type', default='random', choices=cim.MASK_TYPES, help='Table 4')
     g.add_argument('--sampling', default='softmax', choices=cim.SAMPLINGS, help='Table 7')
-    g.add_argument('--temperature', type=float, default=1.0, help='softmax sampling temperature')
+    g.add_argument('--temperature', type=float, default=1.0, help='softmax sampling temperature (Eq. 2: 1)')
     g.add_argument('--target-norm', default='sliding', choices=cim.TARGET_NORMS, help='RESPIX target, Table 6')
-    g.add_argument('--enhancer-weight', type=float, default=None, help='default: 10 (respix), 1 (revdet)')
+    g.add_argument('--enhancer-weight', type=float, default=None, help='default: 10 (respix), 1 (revdet), Table 9')
     g = p.add_argument_group('optimization (Table 9)')
-    g.add_argument('--epochs', type=int, help='pre-training epochs')
-    g.add_argument('--max-steps', type=int, help='train this many optimizer steps instead of --epochs epochs (the '
-                                                 'warmup keeps its share of the schedule)')
-    g.add_argument('--warmup-epochs', type=int, help='linear lr warmup, then cosine decay')
-    g.add_argument('--batch-size', type=int, help='per GPU (process); 8 x 256 = 2048')
-    g.add_argument('--accum-iter', type=int, default=1, help='gradient accumulation steps')
+    g.add_argument('--epochs', type=engine.POSITIVE, help='pre-training epochs')
+    g.add_argument('--max-steps', type=engine.POSITIVE, help='train this many optimizer steps instead of --epochs '
+                                                             'epochs (the warmup keeps its share of the schedule)')
+    g.add_argument('--warmup-epochs', type=engine.NON_NEGATIVE, help='linear lr warmup, then cosine decay')
+    g.add_argument('--batch-size', type=engine.POSITIVE, help='per GPU (process); 8 x 256 = 2048')
+    g.add_argument('--accum-iter', type=engine.POSITIVE, default=1, help='gradient accumulation steps')
     g.add_argument('--blr', type=float, help=f'peak lr at total batch {REF_BATCH}, scaled linearly')
     g.add_argument('--lr', type=float, default=None, help='absolute peak lr; default: from --blr')
     g.add_argument('--min-lr', type=float, default=1e-5, help='end of the cosine decay (BEiT)')
-    g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW; none on biases, norms, embeddings')
-    g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.98), help='AdamW momentum (beta1, beta2)')
-    g.add_argument('--clip-grad', type=float, default=3.0, help='global grad-norm clip (0: off)')
-    g.add_argument('--min-crop-scale', type=float, help='RandomResizedCrop scale (BEiT: 0.08-1)')
+    g.add_argument('--weight-decay', type=float, default=0.05, help='AdamW, Table 9; none on biases, norms, embeddings')
+    g.add_argument('--betas', type=float, nargs=2, default=(0.9, 0.98), help='AdamW momentum (beta1, beta2), Table 9')
+    g.add_argument('--clip-grad', type=float, default=3.0, help='global grad-norm clip, Table 9 (0: off)')
+    g.add_argument('--min-crop-scale', type=engine.FRACTION, help='RandomResizedCrop scale (BEiT: 0.08-1)')
     g = p.add_argument_group('data')
     g.add_argument('--data', metavar='DIR', help='ImageFolder root (ImageNet train) or flat image folder; '
                                                  'none: the built-in Fashion-MNIST demo')
-    g.add_argument('--subset', type=int, help='use this many training images, drawn at random (seeded) across the '
-                                              'classes; default: all')
+    g.add_argument('--subset', type=engine.POSITIVE, help='use this many training images, drawn at random (seeded) '
+                                                          'across the classes; default: all')
     g = engine.add_common_args(p, 'default: out/demo (demo), out/<arch>_<task>')
-    g.add_argument('--vis-every', type=int, help='epochs between Fig. 2/3 PNGs (0: off)')
+    g.add_argument('--vis-every', type=engine.NON_NEGATIVE, help='epochs between Fig. 2/3 PNGs (0: off)')
     g.add_argument('--compile', action='store_true', help='torch.compile the tokenizer, generator and enhancer')
     g = p.add_argument_group('export')
     g.add_argument('--export', metavar='CKPT', help='write the enhancer backbone of CKPT to --to, and exit')
@@ -177,72 +178,54 @@ def main(argv=None):
     # ---- the loop: one optimizer step per iteration; logs every --log-every steps; checkpoints ------------------
     params = [p for p in raw_model.parameters() if p.requires_grad]
     keys = LOG_KEYS + (REVDET_KEYS if args.task == 'revdet' else ())
-    # summed on the device over the log interval's steps, then over ranks at the log (the one host sync):
-    # [0:K] each key's sum and [K] the grad norm's over the good steps, [K+1] good steps, [K+2] skipped steps
-    sums = torch.zeros(len(keys) + 3, device=device)
-    bad_run = torch.zeros((), device=device)  # consecutive skipped steps (not reset at a log)
-    n_bad = torch.zeros((), dtype=torch.long)  # unreadable files the loader skipped (CPU, summed without a sync)
+    tally = engine.Tally(keys, total_batch, device)  # the log interval's sums, on the device
     batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
     pbar = engine.progress(total=total_steps, initial=start_step, desc='train')
-    logged = start_step
-    t_log = time.time()
-    t_epoch = t_log
+    t_epoch = time.time()
     model.train()
     for step in range(start_step, total_steps):
         for g in optimizer.param_groups:
-            g['lr'] = lrs[step] * g['lr_scale']
+            g['lr'] = lrs[step] * g['lr_scale']  # warmup + cosine (Table 9), times a group's scale (1 here)
         micro_batches = []
+        n_bad = 0
         for _ in range(args.accum_iter):
             views, _, skipped_files = next(batches)
             micro_batches.append([v.to(device, non_blocking=True) for v in views])  # imgs, tok_imgs(, block mask)
-            n_bad += skipped_files.sum()
+            n_bad = n_bad + skipped_files
         metrics, norm = train_step(model, micro_batches, optimizer, scaler, params, keys, args.clip_grad, dtype)
-        good = norm.isfinite()  # a skipped step adds to the counts only: its metrics may be inf / NaN
-        sums[:-2] += torch.where(good, torch.cat([metrics, norm.float().view(1)]), 0.0)
-        sums[-2] += good.float()
-        sums[-1] += (~good).float()
-        bad_run = torch.where(good, 0.0, bad_run + 1)
+        tally.add(metrics, norm, n_bad)  # no host sync: the step's numbers stay on the device until the log
         pbar.update()
 
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
         saving = end_of_epoch or (args.save_every_steps and done % args.save_every_steps == 0)
-        if done % args.log_every == 0 or saving:  # a checkpoint closes the interval: a resume starts a new one
-            # host sync: the one per log interval; [sums, bad_run, n_bad] summed over ranks
-            totals = engine.sum_over_ranks(torch.cat([sums, bad_run.view(1), n_bad.to(device).view(1)])).tolist()
-            log['epoch_totals'] = [a + b for a, b in zip(log['epoch_totals'] or [0.0] * len(sums), totals)]
-            log['skipped_steps'] += round(totals[len(keys) + 2] / args.world_size)
-            log['n_bad_images'] += round(totals[-1])
-            now = time.time()
+        if done % args.log_every == 0 or saving:  # a checkpoint closes the interval, so a resume starts a new one
             record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step],
-                          **metric_means(keys, totals), imgs_per_s=(done - logged) * total_batch / (now - t_log),
-                          n_bad_images=log['n_bad_images'], skipped_steps=log['skipped_steps'])
-            logged = done
-            t_log = now
-            sums.zero_()
-            n_bad.zero_()
+                          **tally.close(log))  # the host sync
+            # the epoch's summary adds up its intervals' sums; kept in the checkpoint, so a resumed epoch's is whole
+            log['epoch_totals'] = [a + b for a, b in zip(log['epoch_totals'] or [0.0] * len(tally.totals),
+                                                         tally.totals)]
             if engine.is_main():
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
                 pbar.write(f'step {done}/{total_steps}: {log_line(record)}')
-            if totals[-2] / args.world_size >= args.max_bad_steps:
-                raise engine.TrainingError(f'{args.max_bad_steps} consecutive steps had a non-finite loss or '
-                                           f'gradients and were skipped; stopped at step {done} (the last good '
-                                           f'checkpoint is in {args.output_dir}); try a lower --blr or --lr')
+            tally.check(args.max_bad_steps, done, args.output_dir)  # after the log line
+        if saving:
+            if end_of_epoch:  # the checkpoint holds the next epoch's (empty) totals
+                epoch_totals, log['epoch_totals'] = log['epoch_totals'], None
+            save(raw_model, optimizer, scaler, args, done, log)
         if end_of_epoch:
             epoch = -(-done // steps_per_epoch)
-            epoch_means = metric_means(keys, log['epoch_totals'])
-            log['epoch_totals'] = None  # the next epoch's start
-        if saving:
-            save(raw_model, optimizer, scaler, args, done, log)
-        if end_of_epoch and engine.is_main():
-            n_steps = done - max(start_step, (epoch - 1) * steps_per_epoch)
-            pbar.write(f'epoch {epoch} done ({done}/{total_steps} steps): {log_line(epoch_means)}, '
-                       f'{n_steps * total_batch / (time.time() - t_epoch):.1f} img/s, '
-                       f'{(time.time() - t_epoch) / 60:.1f} min')
-            if args.vis_every and (epoch % args.vis_every == 0 or done == total_steps):
-                pbar.write(f'figures: {save_figures(raw_model, vis_batch, args, epoch, device, dtype)}')
-        if end_of_epoch:
+            if engine.is_main():
+                *sums, good = epoch_totals[:len(tally.keys) + 1]
+                means = {k: v / good if good else float('nan') for k, v in zip(tally.keys, sums)}
+                minutes = (time.time() - t_epoch) / 60
+                n_steps = done - max(start_step, (epoch - 1) * steps_per_epoch)
+                pbar.write(f'epoch {epoch} done ({done}/{total_steps} steps): {log_line(means)}, '
+                           f'{n_steps * total_batch / minutes / 60:.1f} img/s, {minutes:.1f} min')
+                if args.vis_every and (epoch % args.vis_every == 0 or done == total_steps):
+                    pbar.write(f'figures: {save_figures(raw_model, vis_batch, args, epoch, device, dtype)}')
             t_epoch = time.time()
+            tally.t0 = t_epoch  # img/s of the training steps alone, without the figures
     pbar.close()
     if engine.is_main():
         print(f'done: {os.path.join(args.output_dir, engine.CHECKPOINT)} and log.jsonl')
@@ -273,13 +256,6 @@ def train_step(model, micro_batches, optimizer, scaler, params, keys, clip_grad,
     scaler.update(None if dtype == torch.float16 else 1.0)  # bf16 / fp32: the scale stays 1
     optimizer.zero_grad(set_to_none=True)
     return metrics, norm
-
-
-def metric_means(keys, totals):
-    """{key: mean over the good steps, 'grad_norm': likewise} from totals = [each key's sum ..., the grad norm's,
-    number of good steps, ...]."""
-    n = totals[len(keys) + 1]
-    return {k: totals[i] / n if n else float('nan') for i, k in enumerate(keys + ('grad_norm',))}
 
 
 def log_line(r):
@@ -346,9 +322,6 @@ def build_model(args, tokenizer):
 
 def check_args(args):
     """User mistakes that would otherwise surface deep inside torch: one clear line each."""
-    engine.check_positive(args, ('img_size', 'patch_size', 'batch_size', 'accum_iter', 'epochs', 'log_every',
-                                 'max_bad_steps', 'gen_depth') + tuple(k for k in ('subset', 'max_steps')
-                                                                      if getattr(args, k) is not None))
     if args.img_size % args.patch_size:
         raise engine.UserError(f'--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}')
     if args.arch == 'resnet50' and (args.img_size % 32 or 32 % args.patch_size):
@@ -386,7 +359,8 @@ def figure_batch(dataset, indices):
 
 @torch.no_grad()
 def save_figures(model, batch, args, epoch, device, dtype):
-    """Fig. 2 (corrupted samples) and Fig. 3 (enhancer output) PNGs of a fixed batch; own RNG, eval mode."""
+    """Fig. 2 (corrupted samples), Fig. 3 (enhancer output) and Fig. 4 (normalization templates) PNGs of a fixed
+    batch; own RNG, eval mode."""
     model.eval()
     views = [v.to(device) for v in batch]
     mask = views[2] if len(views) > 2 else None
@@ -396,8 +370,9 @@ def save_figures(model, batch, args, epoch, device, dtype):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             cim.save_fig2(prefix + '_fig2.png', model, views[0], views[1], mask=mask)
             cim.save_fig3(prefix + '_fig3.png', model, model(views[0], views[1], mask, return_vis=True)['vis'])
+    cim.save_fig4(prefix + '_fig4.png', views[0], args.patch_size)  # what RESPIX regresses: Table 6's templates
     model.train()
-    return prefix + '_fig{2,3}.png'
+    return prefix + '_fig{2,3,4}.png'
 
 
 SAME_ARGS = ('arch', 'task', 'img_size', 'patch_size', 'gen_depth', 'gen_width', 'no_share', 'subset', 'batch_size',

@@ -314,10 +314,10 @@ def test_recompute_bn_stats_uses_the_given_images_and_leaves_eval_mode():
 
 def test_apply_recipe_fills_only_unset_flags_and_help_prints_recipes(capsys):
     recipe = dict(epochs=300, batch_size=256, betas=(0.9, 0.98))
-    parser = engine.ArgumentParser(epilog=engine.recipe_epilog({'Table 9': recipe}))
-    parser.add_argument('--epochs', type=int, help='epochs')
+    parser = engine.ArgumentParser(recipes={'Table 9': recipe, 'demo': dict(epochs=4)})
+    parser.add_argument('--epochs', type=engine.POSITIVE, help='epochs')
     parser.add_argument('--batch-size', type=int, help='per GPU')
-    parser.add_argument('--betas', type=float, nargs=2)
+    parser.add_argument('--betas', type=float, nargs=2, help='AdamW')
     parser.add_argument('--seed', type=int, default=0, help='seed')
     args = parser.parse_args(['--epochs', '300'])                           # explicit, equal to the recipe: kept
     taken = engine.apply_recipe(args, recipe)
@@ -325,9 +325,14 @@ def test_apply_recipe_fills_only_unset_flags_and_help_prints_recipes(capsys):
     assert engine.flags(taken) == '--batch-size 256 --betas 0.9 0.98'
     with pytest.raises(SystemExit):
         parser.parse_args(['--help'])
-    text = capsys.readouterr().out
-    assert 'Table 9:' in text and '--epochs 300 --batch-size 256 --betas 0.9 0.98' in text
+    text = ' '.join(capsys.readouterr().out.split())
+    assert 'epochs (Table 9: 300; demo: 4)' in text and 'per GPU (Table 9: 256)' in text  # each flag's paper value
+    assert 'AdamW (Table 9: 0.9 0.98)' in text
     assert '(default: 0)' in text and '(default: None)' not in text
+    with pytest.raises(SystemExit):                                         # the flag's own check: one line
+        parser.parse_args(['--epochs', '0'])
+    err = capsys.readouterr().err
+    assert err == 'error: argument --epochs: must be >= 1, got 0\n'
 
 
 def test_cli_errors_are_one_line_and_bugs_keep_their_traceback(capsys):

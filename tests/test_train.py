@@ -230,8 +230,9 @@ def test_the_one_override_rule_and_help_prints_the_recipes():
     args = train.get_args_parser().parse_args(['--data', 'x'])
     engine.apply_recipe(args, train.PAPER)
     assert (args.arch, args.img_size, args.epochs, args.batch_size, args.subset) == ('vit_base', 224, 300, 256, None)
-    text = train.get_args_parser().format_help()
-    assert '--epochs 300' in text and '--blr 0.0015' in text and '--subset 3200' in text
+    text = ' '.join(train.get_args_parser().format_help().split())
+    assert 'pre-training epochs (Table 9: 300; demo: 4)' in text and '(Table 9: 0.0015; demo: 0.032)' in text
+    assert 'across the classes; default: all (demo: 3200)' in text
     assert '--demo-images' not in text and '--stop-after-steps' not in text   # no test-only knobs
 
 
@@ -295,8 +296,8 @@ def _bad_input_cases(files, tmp):
         'img size vs patch size': (t('--img-size', 30), "not divisible by --patch-size"),
         'resnet50 grid vs patch size': (t('--arch', 'resnet50', '--img-size', 96, '--patch-size', 12),
                                         "--patch-size dividing 32"),
-        'subset 0': (t('--subset', 0), '--subset must be >= 1'),
-        'max steps 0': (t('--max-steps', 0), '--max-steps must be >= 1'),
+        'subset 0': (t('--subset', 0), 'argument --subset: must be >= 1, got 0'),
+        'max steps 0': (t('--max-steps', 0), 'argument --max-steps: must be >= 1, got 0'),
         'mask ratio': (t('--mask-ratio', 0.9, 1.0), '--mask-ratio: mask ratio'),
         'no tokenizer with data': (t()[:2] + t()[4:], '--tokenizer is required with --data'),
         'batch larger than the data': (t('--batch-size', 32), "no optimizer step"),
