@@ -66,7 +66,9 @@ def random_mask(batch_size, num_patches, mask_ratio=(100 / 196, 120 / 196), devi
     Returns mask: [B, N] bool, True = masked. Every position is equally likely; no host sync.
     """
     k_min, k_max = mask_count_range(num_patches, mask_ratio)
+    # a count per image, not one per batch: the paper's range is over images (Sec. 2.1: 100-120 of 196)
     k = torch.randint(k_min, k_max + 1, (batch_size, 1), device=device)
+    # ranks of uniform noise: k of them below k is a uniform k-subset, with no Python loop over images
     rank = torch.rand(batch_size, num_patches, device=device).argsort(dim=1).argsort(dim=1)  # a random permutation
     return rank < k
 
@@ -227,6 +229,7 @@ def mim_loss(logits, golden, mask):
     masked positions only (no host sync: unmasked targets are ignore_index).
     """
     target = torch.where(mask, golden, -100)
+    # fp32: a softmax over 8192 codes in bf16 loses the small probabilities the loss is made of
     loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
     acc = ((logits.argmax(-1) == golden) & mask).sum() / mask.sum().clamp(min=1)
     return loss, acc
@@ -524,7 +527,8 @@ class CIM(nn.Module):
         logits, gen_loss, mim_acc = self.generate(imgs, mask, golden)               # [B, N, V]
         corrupted, replaced, corrupted_imgs = self.corrupt(golden, mask, logits)    # [B, N], [B, N], [B, 3, S, S]
         pred, target, enh_loss = self.enhance(corrupted_imgs, imgs, replaced)
-
+        # one backward of the sum trains both networks at once; corrupt() ran without gradient, so the enhancer's
+        # loss never reaches the generator, which learns from its MIM loss alone (Sec. 2.3)
         out = dict(loss=gen_loss + self.enhancer_weight * enh_loss, gen_loss=gen_loss, mim_acc=mim_acc,
                    enh_loss=enh_loss, replaced_frac=replaced.float().mean())
         if self.task == 'revdet':
