@@ -744,6 +744,14 @@ class Tally:
         self.n_bad = torch.zeros((), dtype=torch.long)  # on the CPU, where the loader's counts arrive
         self.steps = 0
         self.t0 = time.time()
+        self.totals = [0.0] * (len(self.sums) + 2)  # the last close()'s, summed over ranks (see there)
+        self.bad_run_total = 0.0  # skipped steps in a row at the last close()
+
+    def means(self, totals):
+        """{key: its sum / the good steps (NaN when none)} from totals laid out as self.totals (an interval's, or
+        several intervals' added up)."""
+        *sums, good = totals[:len(self.keys) + 1]
+        return {k: v / good if good else float('nan') for k, v in zip(self.keys, sums)}
 
     def add(self, metrics, norm, skipped_files):
         """metrics: [K] (the keys' micro-batch means), norm: [0-dim] grad norm, inf / NaN when the step was
@@ -764,11 +772,11 @@ class Tally:
         # host sync: the one per log interval, all of it summed over ranks in one all_reduce
         self.totals = sum_over_ranks(torch.cat([self.sums, self.bad_run.view(1), self.n_bad.to(self.sums.device)
                                                 .view(1)])).tolist()
-        *sums, good, skipped, bad_run, n_bad = self.totals
+        *_, skipped, bad_run, n_bad = self.totals
         log['skipped_steps'] += round(skipped / world)  # every rank counts the same steps
         log['n_bad_images'] += round(n_bad)
         now = time.time()
-        record = {k: v / good if good else float('nan') for k, v in zip(self.keys, sums)}
+        record = self.means(self.totals)
         record.update(imgs_per_s=self.steps * self.total_batch / (now - self.t0), n_bad_images=log['n_bad_images'],
                       skipped_steps=log['skipped_steps'])
         self.bad_run_total = bad_run / world

@@ -216,8 +216,7 @@ def main(argv=None):
         if end_of_epoch:
             epoch = -(-done // steps_per_epoch)
             if engine.is_main():
-                *sums, good = epoch_totals[:len(tally.keys) + 1]
-                means = {k: v / good if good else float('nan') for k, v in zip(tally.keys, sums)}
+                means = tally.means(epoch_totals)  # the epoch's intervals added up
                 minutes = (time.time() - t_epoch) / 60
                 n_steps = done - max(start_step, (epoch - 1) * steps_per_epoch)
                 pbar.write(f'epoch {epoch} done ({done}/{total_steps} steps): {log_line(means)}, '
