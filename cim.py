@@ -557,13 +557,6 @@ class CIM(nn.Module):
             m.compile(**kwargs)
         return self
 
-    def features(self, imgs):
-        """Pooled enhancer features for kNN / linear probing. imgs: [B, 3, S, S] normalized -> [B, D]."""
-        return pooled_features(self.enhancer, imgs)
-
-    def enhancer_state_dict(self):
-        """The pre-trained backbone alone, in timm (ViT) / torchvision (ResNet-50) naming, without classifier."""
-        return {k: v.detach().clone() for k, v in self.enhancer.state_dict().items()}
 
 
 # ------------------------------------------------------------------------------------------------------------------

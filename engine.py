@@ -99,14 +99,9 @@ class ImageFiles(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def _name(self, j):
-        return f"image '{self.paths[j]}'"
-
-    def _read(self, j):
-        return _read_rgb(self.paths[j])
-
     def __getitem__(self, i):
-        img, j, n_bad = read_skipping_bad(i, len(self.paths), self._read, self._name)
+        img, j, n_bad = read_skipping_bad(i, len(self.paths), lambda j: _read_rgb(self.paths[j]),
+                                          lambda j: f"image '{self.paths[j]}'")
         return (self.transform(img) if self.transform is not None else img), self.labels[j], n_bad
 
 
@@ -141,39 +136,32 @@ def fashion_mnist(train=True):
             labels = _read_idx(os.path.join(d, names[1]))
             return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
     cache = os.path.join(os.path.expanduser('~'), '.cache', 'cim')
-    print(f'Fashion-MNIST is not installed (Debian: apt-get install dataset-fashion-mnist); downloading it with '
-          f'torchvision into {cache}', file=sys.stderr)
+    print(f'Fashion-MNIST is not installed (Debian: dataset-fashion-mnist); downloading it to {cache}', file=sys.stderr)
     try:
         ds = torchvision.datasets.FashionMNIST(cache, train=train, download=True)
     except Exception:  # an offline machine: one line instead of a urllib traceback
-        raise UserError('Fashion-MNIST is not installed and could not be downloaded: apt-get install '
-                        'dataset-fashion-mnist, set CIM_FASHION_MNIST=DIR (its idx files), or pass --data DIR'
-                        ) from None
+        raise UserError('Fashion-MNIST is not installed and could not be downloaded: apt-get install dataset-fashion-'
+                        'mnist, set CIM_FASHION_MNIST=DIR (its idx files), or pass --data DIR') from None
     return ds.data.clone(), ds.targets.clone().long()
 
 
 class TensorImages(torch.utils.data.Dataset):
-    """In-memory uint8 images as an image dataset with ImageFiles' items: (transform(rgb_image), label, 0).
+    """In-memory gray uint8 images as an image dataset with ImageFiles' items: (transform(rgb_image), label, 0).
 
-    images: [N, H, W] (gray) or [N, H, W, 3] uint8, labels: [N]; `pad` black pixels are added on each side
-    (Fashion-MNIST: 28 + 2 * 2 = 32 px, a size the patch grids divide, with no interpolation).
+    images: [N, H, W] uint8, labels: [N]; `pad` black pixels are added on each side (Fashion-MNIST: 28 + 2 * 2 =
+    32 px, a size the patch grids divide, with no interpolation).
     """
 
     def __init__(self, images, labels, transform=None, pad=0):
-        self.images = images
+        self.images = F.pad(images, (pad,) * 4)  # [N, H + 2 pad, W + 2 pad]
         self.labels = labels
         self.transform = transform
-        self.pad = pad
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
         img = Image.fromarray(self.images[i].numpy()).convert('RGB')
-        if self.pad:
-            padded = Image.new('RGB', (img.width + 2 * self.pad, img.height + 2 * self.pad))
-            padded.paste(img, (self.pad, self.pad))
-            img = padded
         return (self.transform(img) if self.transform is not None else img), int(self.labels[i]), 0
 
 
@@ -312,15 +300,6 @@ def init_distributed():
 def is_main():
     """True on rank 0 (or without a process group): the one process that prints, logs and saves."""
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def all_gather_objects(obj):
-    """[obj of rank 0, obj of rank 1, ...]; [obj] without a process group."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def sum_over_ranks(x):
@@ -560,7 +539,10 @@ def save_training_state(model, optimizer, scaler, args, log, skip_prefix=None, *
     if not all_finite(model):
         raise TrainingError(f'the model became non-finite at {where}; kept the last good checkpoint in '
                             f'{args.output_dir}')
-    rng = all_gather_objects(rng_state())
+    rng = [rng_state()]  # every rank's: a resumed rank r goes on with rank r's stream
+    if dist.is_initialized():
+        rng = [None] * dist.get_world_size()
+        dist.all_gather_object(rng, rng_state())
     if is_main():
         state = {k: v for k, v in model.state_dict().items() if not (skip_prefix and k.startswith(skip_prefix))}
         atomic_save(dict(model=state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng,
@@ -837,29 +819,20 @@ def extract_features(fn, loader, device, dtype=None):
 @torch.no_grad()
 def recompute_bn_stats(model, loader, device, dtype=None, max_images=2048):
     """Re-estimate every BatchNorm's running mean and variance on the first max_images images of loader (batches
-    of (imgs, ...)), as a plain average over batches; the model is left in eval mode. The evaluation protocol for
-    frozen features of a BN network (kNN, linear probe), applied alike to pre-trained and random-init networks:
-    the pre-trained statistics were gathered on corrupted images, a random network's were never gathered at all,
-    so both get those of the images being evaluated. No BatchNorm (a ViT): nothing happens. -> model."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return model.eval()
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.eval()
-    for m in bns:
-        m.train()
-    seen = 0
-    for imgs, *_ in loader:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            model(imgs[:max_images - seen].to(device, non_blocking=True))
-        seen += min(len(imgs), max_images - seen)
-        if seen >= max_images:
-            break
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
+    of (imgs, ...)), as a plain average over batches (torch's swa_utils.update_bn); the model is left in eval mode.
+    The evaluation protocol for frozen features of a BN network (kNN, linear probe), applied alike to pre-trained
+    and random-init networks: the pre-trained statistics were gathered on corrupted images, a random network's were
+    never gathered at all, so both get those of the images being evaluated. No BatchNorm (a ViT): nothing happens.
+    update_bn runs the whole model in train mode: the backbones given here have no dropout or drop path. -> model."""
+    def first_images():
+        seen = 0
+        for imgs, *_ in loader:
+            if seen >= max_images:
+                return
+            yield imgs[:max_images - seen]
+            seen += len(imgs)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        torch.optim.swa_utils.update_bn(first_images(), model, device)
     return model.eval()
 
 

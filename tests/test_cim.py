@@ -415,13 +415,13 @@ def test_bf16_autocast_forward_backward():
 
 def test_features_and_export():
     model, imgs, tok_imgs = make_model('vit_tiny', 'respix')
-    assert model.features(imgs).shape == (4, 192)
-    sd = model.enhancer_state_dict()
+    assert cim.pooled_features(model.enhancer, imgs).shape == (4, 192)
+    sd = model.enhancer.state_dict()
     assert not any(k.startswith('head') for k in sd) and 'pos_embed' in sd
     r, imgs, _ = make_model('resnet50', 'revdet')
-    missing, unexpected = torchvision.models.resnet50().load_state_dict(r.enhancer_state_dict(), strict=False)
+    missing, unexpected = torchvision.models.resnet50().load_state_dict(r.enhancer.state_dict(), strict=False)
     assert sorted(missing) == ['fc.bias', 'fc.weight'] and not unexpected
-    assert r.features(imgs).shape == (4, 2048)
+    assert cim.pooled_features(r.enhancer, imgs).shape == (4, 2048)
 
 
 # -- 10. figures -----------------------------------------------------------------------------------------------------
