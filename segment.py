@@ -26,6 +26,7 @@ checkpoint-best.pth, stepNNNNNN.png (image / ground truth / prediction at each e
 """
 import argparse
 import contextlib
+import functools
 import math
 import os
 import time
@@ -35,12 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torchvision import tv_tensors
-from torchvision.transforms import InterpolationMode
 
 import cim
 import engine
@@ -49,18 +48,17 @@ IGNORE = 255  # mmseg's ignore_index: ADE20K's label 0 after reduce_zero_label, 
 ADE20K_CLASSES = 150
 
 # Recipes: literal dicts. A flag left unset takes its value from the run's recipe; an explicit flag always wins.
-# ResNet-50: mmseg's fcn_r50-d8_512x512_160k_ade20k (the paper's footnote 8; 80k: --max-steps 80000), batch 8 x 2.
+# Both recipes share ADE20K's data pipeline and 160k schedule (mmseg's and BEiT's 512x512 configs), batch 8 x 2.
+ADE20K_SCHEDULE = dict(img_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), max_steps=160000, batch_size=2,
+                       eval_every=16000, log_every=50, save_every_steps=2000, num_workers=4)
+# ResNet-50: mmseg's fcn_r50-d8_512x512_160k_ade20k (the paper's footnote 8; 80k: --max-steps 80000).
 # Its ResNet-50 is torchvision's (CIM's backbone), not mmseg's ResNetV1c (deep stem) of Table 3b's dagger baseline.
-FCN_R50 = dict(arch='resnet50', img_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), max_steps=160000,
-               batch_size=2, lr=0.01, min_lr=1e-4, power=0.9, warmup_steps=0, weight_decay=5e-4, momentum=0.9,
-               aux_weight=0.4, drop_path=0.0, eval_mode='whole', eval_every=16000, log_every=50,
-               save_every_steps=2000, num_workers=4)
+FCN_R50 = dict(ADE20K_SCHEDULE, arch='resnet50', lr=0.01, min_lr=1e-4, power=0.9, warmup_steps=0, weight_decay=5e-4,
+               momentum=0.9, aux_weight=0.4, drop_path=0.0, eval_mode='whole')
 # ViT: lr 3e-4 and layer decay 0.8 are the paper's (Sec. 3.3); the rest is BEiT's ADE20K config (AdamW betas,
 # wd 0.05, 1500 warmup steps, poly power 1.0 to 0, drop path 0.1, 512 windows with stride 341 = 2/3 of 512).
-VIT_LINEAR = dict(patch_size=16, img_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), max_steps=160000,
-                  batch_size=2, lr=3e-4, min_lr=0.0, power=1.0, warmup_steps=1500, weight_decay=0.05,
-                  betas=(0.9, 0.999), layer_decay=0.8, drop_path=0.1, eval_mode='slide', eval_every=16000,
-                  log_every=50, save_every_steps=2000, num_workers=4)
+VIT_LINEAR = dict(ADE20K_SCHEDULE, patch_size=16, lr=3e-4, min_lr=0.0, power=1.0, warmup_steps=1500,
+                  weight_decay=0.05, betas=(0.9, 0.999), layer_decay=0.8, drop_path=0.1, eval_mode='slide')
 # The demo (no --data), applied before the arch's recipe: 1,000 2x2 mosaics of Fashion-MNIST items (64 px), 32 px
 # crops as 512 crops of ADE20K images: the demo checkpoint's resolution (no position-embedding interpolation) at a
 # quarter of the cost of 64 px crops; test: 32 px windows, stride 21. --arch and --patch-size are the checkpoint's,
@@ -69,21 +67,18 @@ VIT_LINEAR = dict(patch_size=16, img_size=512, scale=(2048, 512), ratio_range=(0
 # run-to-run noise of ~2).
 DEMO = dict(img_size=32, scale=(256, 64), ratio_range=(0.75, 1.5), subset=1000, max_steps=300, batch_size=16, lr=5e-3,
             eval_every=300, log_every=20, save_every_steps=0, num_workers=1, output_dir=os.path.join('out', 'demo_seg'))
-DEMO_VAL_MOSAICS = 100  # the first 400 test items (fewer when the test split is smaller)
-DEMO_THRESHOLD = 16     # pixels darker than this (of 255) are background
 
 
 def get_args_parser():
     recipes = {'resnet50 (mmseg fcn_r50-d8)': FCN_R50, 'vit_* (Table 3a + BEiT)': VIT_LINEAR,
                'demo': dict(DEMO, warmup_steps='10% of --max-steps')}
-    p = engine.ArgumentParser(description='ADE20K semantic segmentation (Table 3) of CIM-pre-trained backbones. A '
-                                          "flag left unset takes its recipe's value (the demo's first, then the "
-                                          "arch's); an explicit flag always wins.", recipes=recipes)
+    p = engine.ArgumentParser(description="ADE20K semantic segmentation (Table 3) of CIM-pre-trained backbones. An "
+                              "unset flag takes its recipe's value (the demo's, then the arch's); explicit ones win.",
+                              recipes=recipes)
     g = p.add_argument_group('model')
     g.add_argument('--arch', choices=cim.ARCHS, help="backbone; default: resnet50, demo: the checkpoint's")
-    g.add_argument('--init', metavar='PATH', help="pre-trained weights (train.py checkpoint or --export, torchvision / "
-                                                  "timm state dict) or 'none' (from scratch); demo: "
-                                                  "out/demo/checkpoint-last.pth")
+    g.add_argument('--init', metavar='PATH', help="pre-trained weights (train.py checkpoint or --export, torchvision "
+                   "/ timm state dict) or 'none' (from scratch); demo: out/demo/checkpoint-last.pth")
     g.add_argument('--patch-size', type=engine.POSITIVE, help='ViT')
     g.add_argument('--drop-path', type=engine.PROBABILITY, help='stochastic depth at the last block')
     g.add_argument('--aux-weight', type=float, help='loss weight of the FCN auxiliary head on layer3')
@@ -107,13 +102,11 @@ def get_args_parser():
     g.add_argument('--scale', type=engine.POSITIVE, nargs=2, metavar=('LONG', 'SHORT'),
                    help='keep-ratio rescale target (training: times --ratio-range; test: as is)')
     g.add_argument('--ratio-range', type=float, nargs=2, metavar=('LOW', 'HIGH'))
-    g.add_argument('--cat-max-ratio', type=engine.FRACTION, default=0.75, help='crops where one class covers more '
-                                                                               'are redrawn (mmseg)')
+    g.add_argument('--cat-max-ratio', type=engine.FRACTION, default=0.75, help='redraw crops one class covers more of')
     g.add_argument('--eval-mode', choices=('whole', 'slide'), help='whole image or sliding windows')
     g.add_argument('--stride', type=engine.POSITIVE, help='sliding-window stride; default: 2/3 of --img-size')
     g.add_argument('--eval-every', type=engine.POSITIVE, help='optimizer steps between evaluations')
-    g.add_argument('--vis-images', type=engine.NON_NEGATIVE, default=4, help='validation images in the PNG of each '
-                                                                             'evaluation')
+    g.add_argument('--vis-images', type=engine.NON_NEGATIVE, default=4, help="val images in each evaluation's PNG")
     engine.add_common_args(p, 'default: out/seg_<arch>')
     return p
 
@@ -126,9 +119,8 @@ def main(argv=None):
     taken = {}
     if demo:  # the demo's scale, then the checkpoint's network
         taken.update(engine.apply_recipe(args, DEMO))
-        taken.update(engine.apply_recipe(args, dict(arch=meta.get('arch', 'vit_tiny'),
-                                                    patch_size=meta.get('patch_size', 4),
-                                                    warmup_steps=args.max_steps // 10)))
+        network = dict(arch=meta.get('arch', 'vit_tiny'), patch_size=meta.get('patch_size', 4))
+        taken.update(engine.apply_recipe(args, dict(network, warmup_steps=args.max_steps // 10)))
     taken.update(engine.apply_recipe(args, FCN_R50 if args.arch in (None, 'resnet50') else VIT_LINEAR))
     args.stride = args.stride or args.img_size * 2 // 3  # BEiT: 341 for 512 windows
     args.output_dir = args.output_dir or os.path.join('out', f'seg_{args.arch}')
@@ -154,12 +146,12 @@ def main(argv=None):
 def run(args, rank, device):
     """One segmentation run with the settled args -> its metrics."""
     dtype = engine.resolve_amp(args.amp, device)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = True  # fixed training crops: let cuDNN pick its fastest convolutions
 
     # data: read and checked before anything is written
-    train_tf = train_transform(args.img_size, args.scale, args.ratio_range, args.cat_max_ratio)
-    test_tf = TestTransform(args.scale)
+    train_tf = functools.partial(train_pipeline, crop_size=args.img_size, scale=args.scale,
+                                 ratio_range=args.ratio_range, cat_max_ratio=args.cat_max_ratio)
+    test_tf = functools.partial(test_pipeline, scale=args.scale)
     if args.data is None:
         train_set, val_set, classes = demo_mosaics(train_tf, test_tf)
     else:
@@ -172,9 +164,9 @@ def run(args, rank, device):
     sampler = engine.ResumableSampler(dataset, args.batch_size, args.world_size, rank, seed=args.seed)
     loader, steps_per_epoch = engine.train_loader(dataset, sampler, args.batch_size, args.accum_iter,
                                                   args.num_workers, args.seed, device)
-    val_sampler = engine.ShardSampler(len(val_set), args.world_size, rank)
-    val_loader = torch.utils.data.DataLoader(val_set, 1, sampler=val_sampler, num_workers=args.num_workers,
-                                             pin_memory=device.type == 'cuda')
+    # batch 1 (DataLoader's default): whole test images come in many sizes
+    val_loader = torch.utils.data.DataLoader(val_set, sampler=engine.ShardSampler(len(val_set), args.world_size, rank),
+                                             num_workers=args.num_workers, pin_memory=device.type == 'cuda')
     total_batch = args.batch_size * args.world_size * args.accum_iter
     lrs = poly_schedule(args.lr, args.min_lr, args.max_steps, args.warmup_steps, args.power)
 
@@ -196,37 +188,31 @@ def run(args, rank, device):
     if args.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if engine.is_main():
-        decoder = 'FCN' if args.arch == 'resnet50' else 'linear'
-        print(f'{args.arch} + {decoder} from {args.init}: {len(train_set)} training / {len(val_set)} val images, '
-              f'{args.num_classes} classes, {args.max_steps} steps ({steps_per_epoch} per epoch), total batch '
-              f'{total_batch} ({args.world_size} x {args.batch_size} x {args.accum_iter}), peak lr '
-              f'{args.lr:.2e}, amp {dtype or "off"}, eval {args.eval_mode}, output {args.output_dir}')
+        print(f"{args.arch} + {'FCN' if args.arch == 'resnet50' else 'linear'} from {args.init}: {len(train_set)} "
+              f"training / {len(val_set)} val images, {args.num_classes} classes, {args.max_steps} steps "
+              f"({steps_per_epoch} per epoch), total batch {total_batch} ({args.world_size} x {args.batch_size} "
+              f"x {args.accum_iter}), lr {args.lr:.2e}, amp {dtype or 'off'}, eval {args.eval_mode}, {args.output_dir}")
 
     # ---- the loop: one optimizer step per iteration; logs every --log-every, evaluates every --eval-every --------
     params = [p for p in raw_model.parameters() if p.requires_grad]
-    keys = ('loss', 'aux_loss') if args.arch == 'resnet50' else ('loss',)
-    tally = engine.Tally(keys, total_batch, device)  # the log interval's sums, on the device
+    tally = engine.Tally(('loss', 'aux_loss') if args.arch == 'resnet50' else ('loss',), total_batch, device)
     batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
     pbar = engine.progress(total=args.max_steps, initial=start_step, desc='train')
     model.train()
     for step in range(start_step, args.max_steps):
         for g in optimizer.param_groups:
             g['lr'] = lrs[step] * g['lr_scale']  # poly decay (mmseg), times the group's layer decay (ViT)
-        micro_batches = []
-        n_bad = 0
-        for _ in range(args.accum_iter):
-            imgs, masks, skipped_files = next(batches)
-            micro_batches.append((imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)))
-            n_bad = n_bad + skipped_files
+        host = [next(batches) for _ in range(args.accum_iter)]  # (imgs, masks, n_bad) per micro-batch
+        micro_batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y, _ in host]
         metrics, norm = segment_step(model, micro_batches, optimizer, scaler, params, args, dtype)
-        tally.add(metrics, norm, n_bad)  # no host sync: the step's numbers stay on the device until the log
+        tally.add(metrics, norm, sum(n_bad for _, _, n_bad in host))  # no host sync: on the device until the log
         pbar.update()
 
         done = step + 1
         saving = done == args.max_steps or (args.save_every_steps and done % args.save_every_steps == 0)
         if done % args.log_every == 0 or saving:  # a checkpoint closes the interval, so a resume starts a new one
-            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step],
-                          **tally.close(log))  # the host sync
+            # the host sync
+            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step], **tally.close(log))
             if engine.is_main():
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
                 aux = f" (aux {record['aux_loss']:.4f})" if 'aux_loss' in record else ''
@@ -237,17 +223,15 @@ def run(args, rank, device):
             m = validate(raw_model, val_loader, args, device, dtype)
             log['last'] = dict(step=done, mIoU=m['mIoU'], aAcc=m['aAcc'], mAcc=m['mAcc'], n_val=m['n_val'])
             if m['mIoU'] > log['best_mIoU']:
-                log['best_mIoU'] = m['mIoU']
-                log['best_step'] = done
+                log.update(best_mIoU=m['mIoU'], best_step=done)
                 if engine.is_main():
                     engine.atomic_save(dict(model=raw_model.state_dict(), args=vars(args), **log['last']),
                                        os.path.join(args.output_dir, 'checkpoint-best.pth'))
             if engine.is_main():
                 iou = {c: None if math.isnan(v) else round(v, 2) for c, v in zip(classes, m['IoU'])}
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(log['last'], IoU=iou))
-                png = ''
-                if args.vis_images:
-                    png = os.path.join(args.output_dir, f'step{done:06d}.png')
+                png = os.path.join(args.output_dir, f'step{done:06d}.png') if args.vis_images else ''
+                if png:
                     save_predictions(png, raw_model, val_set, args, device, dtype)
                 pbar.write(f"step {done}/{args.max_steps}: val mIoU {m['mIoU']:.2f}, aAcc {m['aAcc']:.2f}, mAcc "
                            f"{m['mAcc']:.2f} (best mIoU {log['best_mIoU']:.2f} at step {log['best_step']}) {png}")
@@ -258,45 +242,36 @@ def run(args, rank, device):
     pbar.close()
     last = log['last']
     if engine.is_main():
-        print(f"done: {args.arch} from {args.init}, single-scale val mIoU {last['mIoU']:.2f} aAcc "
-              f"{last['aAcc']:.2f} mAcc {last['mAcc']:.2f} at step {last['step']} (best mIoU "
-              f"{log['best_mIoU']:.2f} at step {log['best_step']}); {args.output_dir}/checkpoint-best.pth, "
-              f"{engine.CHECKPOINT}, log.jsonl")
+        print(f"done: {args.arch} from {args.init}, single-scale val mIoU {last['mIoU']:.2f} aAcc {last['aAcc']:.2f} "
+              f"mAcc {last['mAcc']:.2f} at step {last['step']} (best mIoU {log['best_mIoU']:.2f} at step "
+              f"{log['best_step']}); {args.output_dir}/checkpoint-best.pth, {engine.CHECKPOINT}, log.jsonl")
     return dict(last, best_mIoU=log['best_mIoU'], best_step=log['best_step'], n_train=len(train_set))
 
 
 def check_args(args, device):
     """User mistakes the flags' own types cannot see (they involve two flags): one clear line each."""
     if not 0 <= args.warmup_steps <= args.max_steps:
-        raise engine.UserError(f'--warmup-steps {args.warmup_steps} must be between 0 and --max-steps '
-                               f'{args.max_steps}')
+        raise engine.UserError(f'--warmup-steps {args.warmup_steps} must be between 0 and --max-steps {args.max_steps}')
     if not 0 < args.ratio_range[0] <= args.ratio_range[1]:
         raise engine.UserError('--ratio-range LOW HIGH needs 0 < LOW <= HIGH')
-    if args.arch in cim.VIT_CONFIGS:
-        if args.img_size % args.patch_size:
-            raise engine.UserError(f'--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}')
-        if args.eval_mode == 'whole':
-            raise engine.UserError(f'a ViT has position embeddings for --img-size {args.img_size} only: use '
-                                   f'--eval-mode slide (test images have other sizes)')
+    if args.arch in cim.VIT_CONFIGS and args.img_size % args.patch_size:
+        raise engine.UserError(f'--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}')
+    if args.arch in cim.VIT_CONFIGS and args.eval_mode == 'whole':
+        raise engine.UserError(f'a ViT has position embeddings for --img-size {args.img_size} only (test images have '
+                               f'other sizes): use --eval-mode slide')
     if args.eval_mode == 'slide' and args.stride > args.img_size:
         raise engine.UserError(f'--stride {args.stride} larger than --img-size {args.img_size} leaves pixels unseen')
     if args.arch == 'resnet50' and args.batch_size < 2 and not (args.world_size > 1 and device.type == 'cuda'):
         raise engine.UserError(f'--batch-size {args.batch_size} with resnet50: BatchNorm needs more than one image '
-                               f'per process (SyncBatchNorm, multi-GPU only, pools the batch across GPUs); use '
-                               f'--batch-size >= 2')
+                               f'per process (SyncBatchNorm, multi-GPU only, pools the GPUs); use --batch-size >= 2')
 
 
 def poly_schedule(peak_lr, min_lr, total_steps, warmup_steps=0, power=0.9):
     """The lr of every optimizer step, mmseg's 'poly' policy: min_lr + (peak_lr - min_lr) * (1 - step / total_steps)
     ** power, times a linear warmup factor (step + 1) / warmup_steps over the first warmup_steps steps (BEiT's
     ADE20K: 1500 steps). -> list of total_steps floats."""
-    lrs = []
-    for step in range(total_steps):
-        lr = min_lr + (peak_lr - min_lr) * (1 - step / total_steps) ** power
-        if step < warmup_steps:
-            lr *= (step + 1) / warmup_steps
-        lrs.append(lr)
-    return lrs
+    return [(min_lr + (peak_lr - min_lr) * (1 - s / total_steps) ** power) * min(1.0, (s + 1) / max(warmup_steps, 1))
+            for s in range(total_steps)]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -305,13 +280,15 @@ def poly_schedule(peak_lr, min_lr, total_steps, warmup_steps=0, power=0.9):
 def reduce_zero_label(mask):
     """mmseg's reduce_zero_label for ADE20K: label 0 ('other') -> 255 (ignored), k -> k - 1, 255 stays 255.
     mask: uint8 array [H, W] -> uint8 array [H, W]."""
-    out = mask.astype(np.int16) - 1
-    out[(mask == 0) | (mask == IGNORE)] = IGNORE
-    return out.astype(np.uint8)
+    return np.where(mask == IGNORE, IGNORE, mask - 1).astype(np.uint8)  # uint8 arithmetic: 0 - 1 wraps to 255
 
 
 def files_by_stem(folder, extensions):
-    """{file name without extension: file name} of the non-hidden files in folder ending in one of extensions."""
+    """{file name without extension: file name} of the non-hidden files in folder ending in one of extensions;
+    a missing folder is a UserError."""
+    if not os.path.isdir(folder):
+        raise engine.UserError(f"'{folder}' does not exist: --data must be ADEChallengeData2016, with images/"
+                               f"{{training,validation}}/*.jpg and annotations/{{training,validation}}/*.png")
     return {os.path.splitext(f)[0]: f for f in os.listdir(folder)
             if f.lower().endswith(extensions) and not f.startswith('.')}
 
@@ -321,20 +298,15 @@ class ADE20K(torch.utils.data.Dataset):
 
     Item i: (image, mask, n_bad) = (*transform(tv_tensors.Image uint8 [3, H, W], tv_tensors.Mask uint8 [H, W]),
     n_bad); labels 0..149 after reduce_zero_label, 255 ignored. An unreadable pair is skipped like
-    engine.ImageFiles does (the next one stands in, a warning, n_bad counts it); a wrong layout is a UserError.
+    engine.ImageFiles does (the next one stands in, a warning, n_bad counts it); a wrong layout is a UserError
+    (an empty one: engine.train_loader's, or engine.ShardSampler's for the validation split).
     """
 
-    def __init__(self, root, split, transform, num_classes=ADE20K_CLASSES, reduce_zero=True):
+    def __init__(self, root, split, transform):
         img_dir = os.path.join(root, 'images', split)
         ann_dir = os.path.join(root, 'annotations', split)
-        for d in (img_dir, ann_dir):
-            if not os.path.isdir(d):
-                raise engine.UserError(f"'{d}' does not exist: --data must be ADEChallengeData2016, with images/"
-                                       f"{{training,validation}}/*.jpg and annotations/{{training,validation}}/*.png")
         images = files_by_stem(img_dir, engine.IMG_EXTENSIONS)
         anns = files_by_stem(ann_dir, '.png')
-        if not images:
-            raise engine.UserError(f"no images ({', '.join(engine.IMG_EXTENSIONS)}) in '{img_dir}'")
         for a, b, what, where in ((images, anns, 'images', ann_dir), (anns, images, 'annotations', img_dir)):
             unpaired = sorted(set(a) - set(b))
             if unpaired:
@@ -342,33 +314,26 @@ class ADE20K(torch.utils.data.Dataset):
                                        f"'{where}' (e.g. '{a[unpaired[0]]}')")
         self.pairs = [(os.path.join(img_dir, images[s]), os.path.join(ann_dir, anns[s])) for s in sorted(images)]
         self.transform = transform
-        self.num_classes = num_classes
-        self.reduce_zero = reduce_zero
 
     def __len__(self):
         return len(self.pairs)
 
     def __getitem__(self, i):
-        (img, mask), j, n_bad = engine.read_skipping_bad(i, len(self.pairs), self._read, self._name)
+        (img, mask), j, n_bad = engine.read_skipping_bad(i, len(self.pairs), self._read,
+                                                         lambda j: "image or annotation '%s' / '%s'" % self.pairs[j])
         ann_path = self.pairs[j][1]
         if mask.ndim != 2 or mask.dtype != np.uint8 or mask.shape != (img.height, img.width):
             raise engine.UserError(f"annotation '{ann_path}' is not a single-channel 8-bit PNG of the image's size "
                                    f"{img.width}x{img.height} (ADEChallengeData2016 annotations hold class indices)")
-        if self.reduce_zero:
-            mask = reduce_zero_label(mask)
-        if ((mask != IGNORE) & (mask >= self.num_classes)).any():
-            raise engine.UserError(f"annotation '{ann_path}' has label {mask[mask != IGNORE].max() + self.reduce_zero}"
-                                   f" but the dataset has {self.num_classes} classes")
-        img, mask = self.transform(tv_tensors.Image(TF.pil_to_tensor(img)), tv_tensors.Mask(torch.from_numpy(mask)))
-        return img, mask, n_bad
-
-    def _name(self, j):
-        return "image or annotation '%s' / '%s'" % self.pairs[j]
+        mask = reduce_zero_label(mask)
+        if ((mask != IGNORE) & (mask >= ADE20K_CLASSES)).any():
+            raise engine.UserError(f"annotation '{ann_path}' has label {mask[mask != IGNORE].max() + 1} but the "
+                                   f"dataset has {ADE20K_CLASSES} classes")
+        return *self.transform(tv_tensors.Image(TF.pil_to_tensor(img)), tv_tensors.Mask(torch.from_numpy(mask))), n_bad
 
     def _read(self, j):
         """Pair j decoded: (RGB PIL image, annotation uint8 array); a truncated file raises here."""
-        img_path, ann_path = self.pairs[j]
-        with Image.open(img_path) as im, Image.open(ann_path) as an:
+        with Image.open(self.pairs[j][0]) as im, Image.open(self.pairs[j][1]) as an:
             return im.convert('RGB'), np.array(an)
 
 
@@ -385,53 +350,44 @@ def class_names(root, num_classes):
 # ------------------------------------------------------------------------------------------------------------------
 # The built-in demo's data: 2x2 mosaics of Fashion-MNIST items, label = background or 1 + the item's class
 
-def tile_2x2(cells):
-    """[4n, 32, 32] -> [n, 64, 64]: cells 4k..4k+3 fill mosaic k row by row (top left, top right, bottom ...)."""
-    return cells.view(-1, 2, 2, 32, 32).permute(0, 1, 3, 2, 4).reshape(-1, 64, 64)
+def fashion_mosaics(images, labels, threshold=16):
+    """images: [N, 28, 28] uint8, labels: [N] -> (mosaics [n, 64, 64] uint8, masks [n, 64, 64] uint8), n = N // 4
+    (the items after the last whole mosaic are left out). Items 4k..4k+3 fill the 2x2 cells of mosaic k row by row
+    (28 px + 2 px black border = 32 px, the pre-training size); mask = 0 where the pixel is darker than threshold
+    (of 255: background), else 1 + the item's class (11 classes)."""
+    x = F.pad(images[:len(images) // 4 * 4], (2, 2, 2, 2))  # [4n, 32, 32]
+    m = torch.where(x >= threshold, (labels[:len(x)] + 1).to(torch.uint8).view(-1, 1, 1), 0).to(torch.uint8)
+    # [4n, 32, 32] -> [n, 64, 64]: cells 4k..4k+3 at top left, top right, bottom left, bottom right
+    return tuple(cells.view(-1, 2, 2, 32, 32).permute(0, 1, 3, 2, 4).reshape(-1, 64, 64) for cells in (x, m))
 
 
-def fashion_mosaics(images, labels, threshold=DEMO_THRESHOLD):
-    """images: [4n, 28, 28] uint8, labels: [4n] -> (mosaics [n, 64, 64] uint8, masks [n, 64, 64] uint8).
-    Items 4k..4k+3 fill the 2x2 cells of mosaic k (28 px + 2 px black border = 32 px, the pre-training size);
-    mask = 0 where the pixel is below threshold, else 1 + the item's class (11 classes)."""
-    x = F.pad(images, (2, 2, 2, 2))
-    classes = (labels + 1).to(torch.uint8).view(-1, 1, 1)
-    m = torch.where(x >= threshold, classes, 0).to(torch.uint8)
-    return tile_2x2(x), tile_2x2(m)
-
-
-class MosaicImages(torch.utils.data.Dataset):
+class MosaicImages(torch.utils.data.TensorDataset):
     """In-memory gray images and masks ([N, H, W] uint8) with ADE20K's items: (*transform(Image, Mask), 0)."""
 
     def __init__(self, images, masks, transform):
-        self.images = images
-        self.masks = masks
+        super().__init__(images, masks)
         self.transform = transform
 
-    def __len__(self):
-        return len(self.images)
-
     def __getitem__(self, i):
-        img = tv_tensors.Image(self.images[i].expand(3, -1, -1).clone())
-        return *self.transform(img, tv_tensors.Mask(self.masks[i])), 0
+        img, mask = super().__getitem__(i)
+        return *self.transform(tv_tensors.Image(img.expand(3, -1, -1).clone()), tv_tensors.Mask(mask)), 0
 
 
-def demo_mosaics(train_tf, test_tf, n_val=DEMO_VAL_MOSAICS):
-    """The demo's data -> (training mosaics: all of the training split's, validation mosaics: the first n_val of the
-    test split's or fewer, class names: background + Fashion-MNIST's 10)."""
-    x, y = engine.fashion_mnist(train=True)
-    n = len(x) // 4
-    train_set = MosaicImages(*fashion_mosaics(x[:4 * n], y[:4 * n]), train_tf)
+def demo_mosaics(train_tf, test_tf, n_val=100):
+    """The demo's data -> (training mosaics: all of the training split's, validation mosaics: n_val from the test
+    split's first 4 x n_val items (fewer when the split is smaller), class names: background + Fashion-MNIST's 10)."""
+    train_set = MosaicImages(*fashion_mosaics(*engine.fashion_mnist(train=True)), train_tf)
     x, y = engine.fashion_mnist(train=False)
-    n = min(n_val, len(x) // 4)
-    val_set = MosaicImages(*fashion_mosaics(x[:4 * n], y[:4 * n]), test_tf)
+    val_set = MosaicImages(*fashion_mosaics(x[:4 * n_val], y[:4 * n_val]), test_tf)
     return train_set, val_set, ['background'] + list(engine.FASHION_MNIST_CLASSES)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Joint transforms (torchvision.transforms.v2: tv_tensors.Mask is resized NEAREST, never interpolated): mmseg's
-# ADE20K pipeline = keep-ratio rescale x [0.5, 2] -> 512 crop (cat_max_ratio 0.75) -> flip -> photometric
-# distortion -> normalize -> pad to 512 (image 0, mask 255).
+# Joint transforms: mmseg's ADE20K pipeline = keep-ratio rescale x [0.5, 2] -> 512 crop (cat_max_ratio 0.75) ->
+# flip -> photometric distortion -> normalize -> pad to 512 (image 0, mask 255). Hand-written: torchvision v2's
+# ScaleJitter / RandomResize, RandomCrop and RandomPhotometricDistort differ from mmseg's (the keep-ratio rule,
+# no cat_max_ratio, another distortion). The kernels are torchvision.transforms.v2.functional's, which dispatch on
+# tv_tensors: a tv_tensors.Mask is resized NEAREST, never interpolated.
 
 def rescale_size(h, w, scale):
     """mmcv's keep-ratio rescale: factor = min(long / max(h, w), short / min(h, w)) for scale = (long, short),
@@ -440,61 +396,26 @@ def rescale_size(h, w, scale):
     return int(h * f + 0.5), int(w * f + 0.5)
 
 
-class RandomRescale(v2.Transform):
-    """Keep-ratio rescale to scale x ratio, ratio ~ U(ratio_range) per sample (mmseg Resize with ratio_range;
-    ratio_range (1, 1): the test-time resize). Bilinear without antialiasing for images (mmcv's cv2 resize)."""
-
-    def __init__(self, scale, ratio_range=(1.0, 1.0)):
-        super().__init__()
-        self.scale = tuple(scale)
-        self.ratio_range = tuple(ratio_range)
-
-    def make_params(self, flat_inputs):
-        lo, hi = self.ratio_range
-        r = lo + (hi - lo) * float(torch.rand(()))
-        h, w = TF.get_size(flat_inputs[0])
-        return dict(size=list(rescale_size(h, w, (int(self.scale[0] * r), int(self.scale[1] * r)))))
-
-    def transform(self, inpt, params):
-        return self._call_kernel(TF.resize, inpt, params['size'], interpolation=InterpolationMode.BILINEAR,
-                                 antialias=False)
-
-
 def crop_is_balanced(mask, cat_max_ratio, ignore_index=IGNORE):
     """mmseg's cat_max_ratio test: the crop has >= 2 classes and none covers cat_max_ratio or more of its
     non-ignored pixels. mask: [h, w] integer."""
-    counts = torch.bincount(mask.flatten().long(), minlength=256)
-    counts[ignore_index] = 0
+    counts = torch.bincount(mask[mask != ignore_index].long())
     counts = counts[counts > 0]
     return len(counts) > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio
 
 
-class CatMaxRandomCrop(v2.Transform):
-    """Random crop of size x size (smaller images: their size), redrawn up to 10 times while the crop fails
-    crop_is_balanced (mmseg RandomCrop with cat_max_ratio; after 10 failures the last draw is kept)."""
-
-    def __init__(self, size, cat_max_ratio=0.75, tries=10):
-        super().__init__()
-        self.size = size
-        self.cat_max_ratio = cat_max_ratio
-        self.tries = tries
-
-    def make_params(self, flat_inputs):
-        h, w = TF.get_size(flat_inputs[0])
-        ch = min(self.size, h)
-        cw = min(self.size, w)
-        mask = next((x for x in flat_inputs if isinstance(x, tv_tensors.Mask)), None)
-        for _ in range(1 + self.tries):  # the first draw, then the redraws
-            top = int(torch.randint(h - ch + 1, ()))
-            left = int(torch.randint(w - cw + 1, ()))
-            if mask is None or self.cat_max_ratio >= 1:
-                break
-            if crop_is_balanced(mask[..., top:top + ch, left:left + cw], self.cat_max_ratio):
-                break
-        return dict(top=top, left=left, height=ch, width=cw)
-
-    def transform(self, inpt, params):
-        return self._call_kernel(TF.crop, inpt, **params)
+def random_crop_box(mask, size, cat_max_ratio=0.75, tries=10):
+    """mmseg's RandomCrop with cat_max_ratio: a random size x size box (smaller images: their size), redrawn up to
+    `tries` times while its crop of mask fails crop_is_balanced (then the last draw is kept).
+    mask: [H, W] -> (top, left, height, width)."""
+    h, w = mask.shape[-2:]
+    ch, cw = min(size, h), min(size, w)
+    for _ in range(1 + tries):  # the first draw, then the redraws
+        top = int(torch.randint(h - ch + 1, ()))
+        left = int(torch.randint(w - cw + 1, ()))
+        if cat_max_ratio >= 1 or crop_is_balanced(mask[top:top + ch, left:left + cw], cat_max_ratio):
+            break
+    return top, left, ch, cw
 
 
 def scale_saturation(img, factor):
@@ -516,97 +437,54 @@ def uniform(lo, hi):
     return lo + (hi - lo) * float(torch.rand(()))
 
 
-class PhotoMetricDistortion(v2.Transform):
-    """mmseg's PhotoMetricDistortion, on the image only (masks pass through). Each step with probability 0.5:
-    brightness + U(-32, 32), contrast x U(0.5, 1.5) (first or last, a coin decides), HSV saturation x U(0.5, 1.5),
-    hue + randint(-18, 18) of OpenCV's 180 units; clipped to [0, 255] after each. uint8 [3, H, W] in and out."""
-    _transformed_types = (tv_tensors.Image,)
-
-    def __init__(self, brightness=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18):
-        super().__init__()
-        self.brightness = brightness
-        self.contrast = contrast
-        self.saturation = saturation
-        self.hue = hue
-
-    def make_params(self, flat_inputs):
-        params = dict(brightness=0.0, contrast=1.0, saturation=1.0, hue=0)
-        if coin():
-            params['brightness'] = uniform(-self.brightness, self.brightness)
-        params['contrast_first'] = coin()
-        if coin():
-            params['contrast'] = uniform(*self.contrast)
-        if coin():
-            params['saturation'] = uniform(*self.saturation)
-        if coin():
-            params['hue'] = int(torch.randint(-self.hue, self.hue, ()))
-        return params
-
-    def transform(self, inpt, params):
-        x = inpt.as_subclass(torch.Tensor).float()
-        x = (x + params['brightness']).clamp(0, 255)
-        if params['contrast_first']:
-            x = (x * params['contrast']).clamp(0, 255)
-        x = scale_saturation(x, params['saturation']).clamp(0, 255)
-        if params['hue']:
-            x = TF.adjust_hue(x / 255, params['hue'] / 180) * 255
-        if not params['contrast_first']:
-            x = (x * params['contrast']).clamp(0, 255)
-        return tv_tensors.wrap(x.round().to(torch.uint8), like=inpt)
+def photometric_distortion(img, brightness=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue=18):
+    """mmseg's PhotoMetricDistortion. Each step with probability 0.5: brightness + U(-32, 32), contrast x
+    U(0.5, 1.5) (first or last, a coin decides), HSV saturation x U(0.5, 1.5), hue + randint(-18, 18) of OpenCV's
+    180 units; clipped to [0, 255] after each. img: uint8 [3, H, W] -> uint8 [3, H, W] (a plain tensor)."""
+    # every draw first, in a fixed order (each step's coin, then its value); a skipped step is the identity
+    shift = uniform(-brightness, brightness) if coin() else 0.0
+    contrast_first = coin()
+    gain = uniform(*contrast) if coin() else 1.0
+    sat = uniform(*saturation) if coin() else 1.0
+    rotation = int(torch.randint(-hue, hue, ())) if coin() else 0
+    x = (img.as_subclass(torch.Tensor).float() + shift).clamp(0, 255)
+    if contrast_first:
+        x = (x * gain).clamp(0, 255)
+    x = scale_saturation(x, sat).clamp(0, 255)
+    if rotation:
+        x = TF.adjust_hue(x / 255, rotation / 180) * 255
+    if not contrast_first:
+        x = (x * gain).clamp(0, 255)
+    return x.round().to(torch.uint8)
 
 
-class PadTo(v2.Transform):
-    """Pad bottom and right to at least size x size: images with 0 (after Normalize: the mean colour), masks with
-    255 (ignored), as mmseg's Pad(size=crop_size, pad_val=0, seg_pad_val=255)."""
-
-    def __init__(self, size):
-        super().__init__()
-        self.size = size
-
-    def make_params(self, flat_inputs):
-        h, w = TF.get_size(flat_inputs[0])
-        return dict(padding=[0, 0, max(self.size - w, 0), max(self.size - h, 0)])
-
-    def transform(self, inpt, params):
-        fill = IGNORE if isinstance(inpt, tv_tensors.Mask) else 0
-        return self._call_kernel(TF.pad, inpt, params['padding'], fill=fill)
-
-
-def train_transform(crop_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75,
-                    photometric=True, mean=cim.IMAGENET_MEAN, std=cim.IMAGENET_STD):
-    """(Image uint8 [3, H, W], Mask [H, W]) -> (image float [3, crop, crop] normalized, mask uint8 [crop, crop])."""
-    steps = [RandomRescale(scale, ratio_range), CatMaxRandomCrop(crop_size, cat_max_ratio),
-             v2.RandomHorizontalFlip(0.5)]
-    if photometric:
-        steps.append(PhotoMetricDistortion())
-    steps += [v2.ToDtype({tv_tensors.Image: torch.float32, 'others': None}, scale=True),
-              v2.Normalize(list(mean), list(std)), PadTo(crop_size), v2.ToPureTensor()]
-    return v2.Compose(steps)
+def train_pipeline(img, mask, crop_size=512, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75):
+    """mmseg's ADE20K training view. (tv_tensors.Image uint8 [3, H, W], tv_tensors.Mask uint8 [H, W]) ->
+    (image float [3, crop, crop] normalized, mask uint8 [crop, crop]), plain tensors."""
+    r = uniform(*ratio_range)  # mmseg's Resize with ratio_range: scale x r, then the keep-ratio rule
+    size = list(rescale_size(*img.shape[-2:], (int(scale[0] * r), int(scale[1] * r))))
+    # the image bilinear without antialiasing (mmcv's cv2 resize), the Mask NEAREST
+    img, mask = TF.resize(img, size, antialias=False), TF.resize(mask, size)
+    box = random_crop_box(mask, crop_size, cat_max_ratio)
+    img, mask = TF.crop(img, *box), TF.crop(mask, *box)
+    if torch.rand(1) < 0.5:  # the draw of v2.RandomHorizontalFlip(0.5)
+        img, mask = TF.horizontal_flip(img), TF.horizontal_flip(mask)
+    img = photometric_distortion(img)
+    img = TF.normalize(TF.to_dtype(img, torch.float32, scale=True), list(cim.IMAGENET_MEAN), list(cim.IMAGENET_STD))
+    pad = (0, crop_size - img.shape[-1], 0, crop_size - img.shape[-2])  # bottom / right: mmseg's Pad(size=crop)
+    return F.pad(img, pad), F.pad(mask.as_subclass(torch.Tensor), pad, value=IGNORE)  # 0: the mean colour
 
 
-class TestTransform:
+def test_pipeline(img, mask, scale=(2048, 512)):
     """mmseg's single-scale test view: the image rescaled (keep ratio) to `scale` and normalized; the mask stays at
     the annotation's size, where predictions are scored. (Image, Mask) -> (float [3, h, w], uint8 [H, W])."""
-
-    def __init__(self, scale=(2048, 512), mean=cim.IMAGENET_MEAN, std=cim.IMAGENET_STD):
-        self.image = v2.Compose([RandomRescale(scale), v2.ToDtype(torch.float32, scale=True),
-                                 v2.Normalize(list(mean), list(std)), v2.ToPureTensor()])
-
-    def __call__(self, img, mask):
-        return self.image(img), mask.as_subclass(torch.Tensor)
+    img = TF.resize(img.as_subclass(torch.Tensor), list(rescale_size(*img.shape[-2:], scale)), antialias=False)
+    img = TF.normalize(TF.to_dtype(img, torch.float32, scale=True), list(cim.IMAGENET_MEAN), list(cim.IMAGENET_STD))
+    return img, mask.as_subclass(torch.Tensor)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Models: backbone -> decode head (-> auxiliary head) -> logits, bilinearly upsampled to the input size
-
-def dilated_resnet50():
-    """torchvision's resnet50 with dilation 2 / 4 in layer3 / layer4 instead of stride (output stride 8, mmseg's
-    'd8'; the first block of each keeps the previous dilation, mmseg's contract_dilation). Parameter names are
-    unchanged, so CIM exports and torchvision weights load; the classifier is removed ('fc.*' is ignored)."""
-    net = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
-    net.fc = nn.Identity()
-    return net
-
 
 def resnet_stages(net, imgs):
     """imgs: [B, 3, H, W] -> (layer3 [B, 1024, H/8, W/8], layer4 [B, 2048, H/8, W/8]) of a dilated ResNet-50."""
@@ -615,22 +493,17 @@ def resnet_stages(net, imgs):
     return c3, net.layer4(c3)
 
 
-def conv_bn_relu(cin, cout, kernel=3):
-    """[B, cin, h, w] -> [B, cout, h, w]: conv (same padding, no bias), BatchNorm, ReLU (mmseg's ConvModule)."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
-
-
 class FCNHead(nn.Module):
-    """mmseg's FCNHead of fcn_r50-d8: num_convs 3x3 conv-BN-ReLU, the input concatenated back (concat_input) and
-    fused by one more, Dropout2d(0.1), 1x1 classifier. (torchvision's FCNHead is the one-conv variant without the
+    """mmseg's FCNHead of fcn_r50-d8: two 3x3 conv-BN-ReLU, the input concatenated back (concat_input) and fused by
+    one more, Dropout2d(0.1), 1x1 classifier. (torchvision's FCNHead is the one-conv variant without the
     concatenation: it serves as the auxiliary head.) x: [B, in_channels, h, w] -> [B, num_classes, h, w]."""
 
-    def __init__(self, in_channels, channels, num_classes, num_convs=2, dropout=0.1):
+    def __init__(self, in_channels, channels, num_classes, dropout=0.1):
         super().__init__()
-        self.convs = nn.Sequential(*[conv_bn_relu(in_channels if i == 0 else channels, channels)
-                                     for i in range(num_convs)])
-        self.conv_cat = conv_bn_relu(in_channels + channels, channels)
+        # torchvision's Conv2dNormActivation is mmseg's ConvModule: conv (same padding, no bias), BatchNorm, ReLU
+        self.convs = nn.Sequential(torchvision.ops.Conv2dNormActivation(in_channels, channels),
+                                   torchvision.ops.Conv2dNormActivation(channels, channels))
+        self.conv_cat = torchvision.ops.Conv2dNormActivation(in_channels + channels, channels)
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
 
@@ -639,17 +512,13 @@ class FCNHead(nn.Module):
 
 
 def init_head(head):
-    """mmseg's decode-head init: convolutions Kaiming normal (fan_out, ReLU), BatchNorm 1 / 0, the classifier
-    (the last conv or linear layer) N(0, 0.01) with zero bias. -> head."""
-    layers = [m for m in head.modules() if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d))]
-    for m in layers[:-1]:
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-    nn.init.normal_(layers[-1].weight, std=0.01)
-    nn.init.zeros_(layers[-1].bias)
+    """mmseg's decode-head init: convolutions Kaiming normal (fan_out, ReLU), the classifier (the last conv or
+    linear layer) N(0, 0.01) with zero bias; BatchNorm keeps torch's init, 1 / 0 (mmseg's too). -> head."""
+    *convs, classifier = [m for m in head.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    for m in convs:
+        nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+    nn.init.normal_(classifier.weight, std=0.01)
+    nn.init.zeros_(classifier.bias)
     return head
 
 
@@ -665,14 +534,17 @@ class FCN(nn.Module):
 
     def __init__(self, num_classes):
         super().__init__()
-        self.backbone = dilated_resnet50()
+        # torchvision's resnet50 with dilation 2 / 4 in layer3 / layer4 instead of stride (output stride 8, mmseg's
+        # 'd8'; the first block of each keeps the previous dilation, mmseg's contract_dilation). Parameter names are
+        # unchanged, so CIM exports and torchvision weights load; the classifier is removed ('fc.*' is ignored).
+        self.backbone = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
+        self.backbone.fc = nn.Identity()
         self.decode_head = init_head(FCNHead(2048, 512, num_classes))
-        self.auxiliary_head = torchvision.models.segmentation.fcn.FCNHead(1024, num_classes)
+        self.auxiliary_head = init_head(torchvision.models.segmentation.fcn.FCNHead(1024, num_classes))
         self.auxiliary_head[3] = nn.Dropout2d(0.1)  # mmseg drops whole channels; torchvision's has nn.Dropout
-        init_head(self.auxiliary_head)
 
     def forward(self, imgs):
-        c3, c4 = resnet_stages(self.backbone, imgs)
+        c3, c4 = resnet_stages(self.backbone, imgs.contiguous(memory_format=torch.channels_last))  # cuDNN's fastest
         outs = [self.decode_head(c4)]
         if self.training:
             outs.append(self.auxiliary_head(c3))
@@ -693,9 +565,8 @@ class LinearViT(nn.Module):
     def forward(self, imgs):
         B, _, H, W = imgs.shape
         p = self.backbone.patch_size
-        tokens = self.backbone.forward_features(imgs)[:, 1:]                    # [B, N, D], cls token dropped
-        logits = self.decode_head(tokens).transpose(1, 2).reshape(B, -1, H // p, W // p)
-        return [upsample(logits, (H, W))]
+        logits = self.decode_head(self.backbone.forward_features(imgs)[:, 1:])  # [B, N, C], the cls token dropped
+        return [upsample(logits.transpose(1, 2).reshape(B, -1, H // p, W // p), (H, W))]
 
 
 def build_model(args, sync_bn=False):
@@ -738,10 +609,7 @@ def segment_step(model, micro_batches, optimizer, scaler, params, args, dtype):
     ddp = isinstance(model, DistributedDataParallel)
     metrics = 0.0
     for i, (imgs, masks) in enumerate(micro_batches):
-        if args.arch == 'resnet50':
-            imgs = imgs.contiguous(memory_format=torch.channels_last)  # the layout cuDNN is fastest in
-        last = i == len(micro_batches) - 1
-        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+        with model.no_sync() if ddp and i < len(micro_batches) - 1 else contextlib.nullcontext():
             with torch.autocast(imgs.device.type, dtype=dtype, enabled=dtype is not None):
                 outs = model(imgs)  # [decode head logits, auxiliary head logits (FCN)], [B, C, H, W] each
             losses = [seg_loss(o, masks.long()) for o in outs]  # fp32
@@ -790,11 +658,7 @@ def slide_inference(model, imgs, crop, stride, chunk=8):
 
 def infer(model, imgs, args):
     """imgs: [B, 3, h, w] at the test scale -> logits [B, C, h, w], by --eval-mode (windows of --img-size)."""
-    if args.arch == 'resnet50':
-        imgs = imgs.contiguous(memory_format=torch.channels_last)
-    if args.eval_mode == 'whole':
-        return model(imgs)[0]
-    return slide_inference(model, imgs, args.img_size, args.stride)
+    return model(imgs)[0] if args.eval_mode == 'whole' else slide_inference(model, imgs, args.img_size, args.stride)
 
 
 def confusion_matrix(pred, target, num_classes):
@@ -810,10 +674,8 @@ def segmentation_metrics(hist):
     (NaN for a class absent from both / from the ground truth), mIoU and mAcc their NaN-means, aAcc = TP / all."""
     hist = hist.double()
     tp = hist.diag()
-    gt = hist.sum(1)
-    pred = hist.sum(0)
-    iou = tp / (gt + pred - tp)
-    acc = tp / gt
+    iou = tp / (hist.sum(1) + hist.sum(0) - tp)  # ground truth + prediction - true positives
+    acc = tp / hist.sum(1)
     return dict(mIoU=100 * float(iou.nanmean()), mAcc=100 * float(acc.nanmean()),
                 aAcc=100 * float(tp.sum() / hist.sum()), IoU=(100 * iou).tolist())
 
@@ -838,17 +700,13 @@ def validate(model, loader, args, device, dtype):
     return dict(segmentation_metrics(s['hist']), n_val=int(s['n']))
 
 
-def palette(num_classes, seed=0):
-    """A fixed colour per class, [C + 1, 3] in [0, 1], drawn from a seeded generator; the last row (black): ignored."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([0.2 + 0.8 * torch.rand(num_classes, 3, generator=g), torch.zeros(1, 3)])
-
-
 @torch.no_grad()
 def save_predictions(path, model, dataset, args, device, dtype):
-    """PNG, one row per validation image (the first --vis-images): image, ground truth, prediction. -> path."""
+    """PNG, one row per validation image (the first --vis-images): image, ground truth, prediction. A fixed colour
+    per class, from a seeded generator; ignored pixels black."""
     model.eval()
-    colours = palette(args.num_classes)
+    colours = torch.cat([0.2 + 0.8 * torch.rand(args.num_classes, 3, generator=torch.Generator().manual_seed(0)),
+                         torch.zeros(1, 3)])  # [C + 1, 3] in [0, 1]
     tiles = []  # [3, H_i, W_i] each, in [0, 1]
     for i in range(min(args.vis_images, len(dataset))):
         img, mask = dataset[i][:2]
@@ -856,22 +714,19 @@ def save_predictions(path, model, dataset, args, device, dtype):
             logits = infer(model, img[None].to(device), args)
         pred = upsample(logits.float(), mask.shape[-2:]).argmax(1)[0].cpu()
         tiles.append(upsample(cim.unnormalize(img[None]), mask.shape[-2:])[0])
-        for m in (mask, pred):
-            tiles.append(colours[m.long().clamp(max=args.num_classes)].permute(2, 0, 1))
-    H = max(t.shape[1] for t in tiles)
-    W = max(t.shape[2] for t in tiles)
+        tiles += [colours[m.long().clamp(max=args.num_classes)].permute(2, 0, 1) for m in (mask, pred)]
+    H, W = max(t.shape[1] for t in tiles), max(t.shape[2] for t in tiles)
     grid = torch.stack([F.pad(t, (0, W - t.shape[2], 0, H - t.shape[1]), value=1.0) for t in tiles])
     k = max(1, 256 // max(H, W))  # small demo images are enlarged
     torchvision.utils.save_image(F.interpolate(grid, scale_factor=k, mode='nearest'), path, nrow=3, padding=2,
                                  pad_value=1.0)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Checkpoints: model, optimizer, scaler, RNG states, step (the sampler position follows from it), log
 
-SAME_ARGS = ('arch', 'patch_size', 'img_size', 'num_classes', 'subset', 'batch_size', 'accum_iter',
-             'world_size')  # what a resumed run must share with its checkpoint
+# what a resumed run must share with its checkpoint
+SAME_ARGS = ('arch', 'patch_size', 'img_size', 'num_classes', 'subset', 'batch_size', 'accum_iter', 'world_size')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """segment.py: metrics against hand-computed counts, the joint transforms, the models' shapes and weight loading,
 sliding windows, and tiny end-to-end runs (train, evaluate, checkpoint, resume) on generated ADE20K-format data."""
 import colorsys
+import functools
 import json
 import os
 import re
@@ -143,8 +144,8 @@ def test_reduce_zero_label_and_png_annotations_round_trip(tmp_path):
     img, mask, n_bad = seg.ADE20K(root, 'training', as_is)[0]
     assert isinstance(mask, tv_tensors.Mask) and mask.dtype == torch.uint8 and n_bad == 0
     assert mask.tolist() == seg.reduce_zero_label(labels).tolist() and img.shape == (3, 37, 41)
-    raw = seg.ADE20K(root, 'training', as_is, num_classes=151, reduce_zero=False)[0][1]
-    assert torch.equal(raw, torch.from_numpy(labels))
+    raw = seg.ADE20K(root, 'training', as_is)._read(0)[1]                       # the PNG as read, before reduction
+    assert np.array_equal(raw, labels)
     assert seg.class_names(root, 150)[:2] == ['0', '1']
     with open(os.path.join(root, 'objectInfo150.txt'), 'w') as f:  # ADEChallengeData2016's class list
         f.write('Idx\tRatio\tTrain\tVal\tName\n' + ''.join(f'{k + 1}\t0.1\t1\t1\tname{k};alias\n' for k in range(150)))
@@ -191,7 +192,8 @@ def test_train_transform_keeps_image_and_mask_aligned():
     region borders, where bilinear resizing blends the colours. Padding: mask 255 exactly where the image is the mean
     colour."""
     rng = np.random.default_rng(0)
-    tf = seg.train_transform(crop_size=32, scale=(128, 32), ratio_range=(0.5, 2.0), cat_max_ratio=0.75)
+    tf = functools.partial(seg.train_pipeline, crop_size=32, scale=(128, 32), ratio_range=(0.5, 2.0),
+                           cat_max_ratio=0.75)
     agreement = []
     for trial in range(30):
         blocks = rng.integers(0, 3, (5, 7))
@@ -222,26 +224,24 @@ def test_cat_max_ratio_redraws_crops_dominated_by_one_class():
     do not count, and a crop of one class plus ignored pixels is rejected."""
     mask = torch.ones(64, 16, dtype=torch.uint8)
     mask[40:] = 2
-    image = tv_tensors.Image(torch.zeros(3, 64, 16, dtype=torch.uint8))
 
     def acceptance(ratio, m):
-        crop = seg.CatMaxRandomCrop(16, ratio)
         ok = 0
         for s in range(300):
             torch.manual_seed(s)
-            _, out = crop(image, tv_tensors.Mask(m))
-            ok += seg.crop_is_balanced(out, 0.75)
+            top, left, h, w = seg.random_crop_box(m, 16, ratio)
+            ok += seg.crop_is_balanced(m[top:top + h, left:left + w], 0.75)
         return ok / 300
     assert acceptance(1.0, mask) < 0.25 and acceptance(0.75, mask) > 0.65
     assert seg.crop_is_balanced(torch.tensor([1, 1, 2, 255, 255, 255, 255]), 0.75)
     assert not seg.crop_is_balanced(torch.tensor([1, 1, 1, 255, 255]), 0.75)
     assert not seg.crop_is_balanced(torch.tensor([1, 1, 1, 2]), 0.75)          # 75 % is too much (strict)
     torch.manual_seed(0)
-    _, out = seg.CatMaxRandomCrop(16, 0.75)(image, tv_tensors.Mask(torch.ones(64, 16, dtype=torch.uint8)))
-    assert out.shape == (16, 16)                                                 # never balanced: the last draw
+    box = seg.random_crop_box(torch.ones(64, 16, dtype=torch.uint8), 16, 0.75)
+    assert box[2:] == (16, 16) and 0 <= box[0] <= 48 and box[1] == 0            # never balanced: the last draw
 
 
-def test_photometric_distortion_saturation_is_hsv_and_masks_pass_through():
+def test_photometric_distortion_saturation_is_hsv_and_steps_are_random():
     g = torch.Generator().manual_seed(0)
     px = torch.rand(3, 5, 7, generator=g) * 255
     for factor in (0.5, 1.3, 4.0):
@@ -251,22 +251,20 @@ def test_photometric_distortion_saturation_is_hsv_and_masks_pass_through():
                 h, s, v = colorsys.rgb_to_hsv(*px[:, y, x].tolist())
                 ref = colorsys.hsv_to_rgb(h, min(s * factor, 1.0), v)
                 assert got[:, y, x].tolist() == pytest.approx(ref, abs=1e-3)
-    t = seg.PhotoMetricDistortion()
     img = tv_tensors.Image((torch.rand(3, 8, 8, generator=g) * 255).to(torch.uint8))
-    mask = tv_tensors.Mask(torch.randint(0, 5, (8, 8), generator=g, dtype=torch.uint8))
     changed = 0
     for s in range(20):
         torch.manual_seed(s)
-        out, m = t(img, mask)
-        assert out.dtype == torch.uint8 and isinstance(out, tv_tensors.Image) and torch.equal(m, mask)
+        out = seg.photometric_distortion(img)       # the image alone: train_pipeline never passes the mask through it
+        assert out.dtype == torch.uint8 and out.shape == img.shape
         changed += not torch.equal(out, img)
     assert changed >= 15                                   # all four steps skipped: probability 1/16
 
 
 def test_test_transform_rescales_image_only():
     img = tv_tensors.Image(torch.zeros(3, 30, 40, dtype=torch.uint8))
-    out, mask = seg.TestTransform((256, 64))(img, tv_tensors.Mask(torch.zeros(30, 40, dtype=torch.uint8)))
-    assert out.shape == (3, 64, 85) and mask.shape == (30, 40)
+    out, mask = seg.test_pipeline(img, tv_tensors.Mask(torch.zeros(30, 40, dtype=torch.uint8)), (256, 64))
+    assert out.shape == (3, 64, 85) and mask.shape == (30, 40) and type(out) is type(mask) is torch.Tensor
 
 
 # -- models -----------------------------------------------------------------------------------------------------------
@@ -366,7 +364,7 @@ def test_validate_scores_an_oracle_and_whole_equals_slide(tmp_path):
             k = (cim.unnormalize(x)[:, 0] * 255).round().long() - 1                 # ADE label k -> class k - 1
             return [torch.nn.functional.one_hot(k.clamp(0, 149), 150).permute(0, 3, 1, 2).float()]
     for scale in ((128, 44), (128, 32)):                                # the annotation's size, and 32 x 47
-        data = seg.ADE20K(str(tmp_path), 'validation', seg.TestTransform(scale))
+        data = seg.ADE20K(str(tmp_path), 'validation', functools.partial(seg.test_pipeline, scale=scale))
         loader = torch.utils.data.DataLoader(data, 1, sampler=engine.ShardSampler(len(data)))
         res = {}
         for mode in ('whole', 'slide'):
