@@ -155,8 +155,6 @@ class VisionTransformer(nn.Module):
                  num_classes=0, drop_path_rate=0.0):
         super().__init__()
         self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.patch_size = patch_size
         self.num_prefix_tokens = 1  # the cls token
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -426,7 +424,6 @@ class CIM(nn.Module):
                 raise ValueError(f"unknown {name} '{value}' (choose from {', '.join(choices)})")
         if img_size % patch_size:
             raise ValueError(f'image size {img_size} is not a multiple of the patch size {patch_size}')
-        self.arch = arch if isinstance(arch, str) else type(arch).__name__
         self.task = task
         self.img_size = img_size
         self.patch_size = patch_size
