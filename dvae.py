@@ -19,6 +19,7 @@ with float32 logits and token embedding, float32 on the CPU, whatever autocast i
 import collections
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -106,25 +107,32 @@ class ResBlock(nn.Module):
         self.post_gain = 1 / n_layers ** 2
         self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
         widths = [n_in, n_hid, n_hid, n_hid, n_out]
-        layers = []
+        self.res_path = nn.Sequential()
         for i, k in enumerate(kernels):  # relu_1 must not be in-place: id_path may return x itself
-            layers.append((f'relu_{i + 1}', nn.ReLU(inplace=i > 0)))
-            layers.append((f'conv_{i + 1}', Conv2d(widths[i], widths[i + 1], k)))
-        self.res_path = nn.Sequential(collections.OrderedDict(layers))
+            self.res_path.add_module(f'relu_{i + 1}', nn.ReLU(inplace=i > 0))
+            self.res_path.add_module(f'conv_{i + 1}', Conv2d(widths[i], widths[i + 1], k))
 
     def forward(self, x):
         """x: [B, n_in, H, W] -> [B, n_out, H, W]."""
         return torch.add(self.id_path(x), self.res_path(x), alpha=self.post_gain)  # one fused pass
 
 
-def _group(n_in, width, n_blocks, n_layers, kernels, resample):
-    """n_blocks ResBlocks n_in -> width, width -> width, ..., then the (name, module) pair `resample` if given."""
-    group = []
-    for i in range(n_blocks):
-        group.append((f'block_{i + 1}', ResBlock(n_in if i == 0 else width, width, n_layers, kernels)))
-    if resample is not None:
-        group.append(resample)
-    return nn.Sequential(collections.OrderedDict(group))
+def _blocks(input_conv, widths, n_blk_per_group, kernels, resample, n_out):
+    """DALL-E's layout: `input_conv`, then groups group_1, group_2, ... of n_blk_per_group ResBlocks of the given
+    widths, each but the last followed by the (name, module class) pair `resample`, then relu + 1x1 conv to n_out."""
+    n_layers = len(widths) * n_blk_per_group
+    n_in = input_conv.w.shape[0]
+    blocks = nn.Sequential(collections.OrderedDict(input=input_conv))
+    for g, width in enumerate(widths):
+        group = nn.Sequential()
+        for i in range(n_blk_per_group):
+            group.add_module(f'block_{i + 1}', ResBlock(n_in if i == 0 else width, width, n_layers, kernels))
+        if g < len(widths) - 1:
+            group.add_module(resample[0], resample[1]())
+        blocks.add_module(f'group_{g + 1}', group)
+        n_in = width
+    blocks.add_module('output', nn.Sequential(collections.OrderedDict(relu=nn.ReLU(), conv=Conv2d(n_in, n_out, 1))))
+    return blocks
 
 
 class Encoder(nn.Module):
@@ -135,17 +143,9 @@ class Encoder(nn.Module):
 
     def __init__(self, n_hid=256, n_blk_per_group=2, group_count=4, input_channels=3, vocab_size=8192):
         super().__init__()
-        n_layers = group_count * n_blk_per_group
-        n_in = n_hid
-        blocks = [('input', Conv2d(input_channels, n_hid, 7))]
-        for g in range(group_count):
-            width = n_hid * 2 ** g
-            pool = ('pool', nn.MaxPool2d(kernel_size=2)) if g < group_count - 1 else None
-            blocks.append((f'group_{g + 1}', _group(n_in, width, n_blk_per_group, n_layers, (3, 3, 3, 1), pool)))
-            n_in = width
-        output = [('relu', nn.ReLU()), ('conv', Conv2d(n_in, vocab_size, 1))]
-        blocks.append(('output', nn.Sequential(collections.OrderedDict(output))))
-        self.blocks = nn.Sequential(collections.OrderedDict(blocks))
+        widths = [n_hid * 2 ** g for g in range(group_count)]
+        pool = ('pool', functools.partial(nn.MaxPool2d, kernel_size=2))
+        self.blocks = _blocks(Conv2d(input_channels, n_hid, 7), widths, n_blk_per_group, (3, 3, 3, 1), pool, vocab_size)
 
     def forward(self, x, dtype=None):
         """x: [B, 3, H, W], already map_pixels'd -> logits [B, vocab_size, H/d, W/d], d = 2^(group_count-1).
@@ -155,12 +155,7 @@ class Encoder(nn.Module):
         """
         if dtype is None:
             return self.blocks(x)
-        h = x.to(dtype)
-        for name, module in self.blocks.named_children():
-            if name == 'output':
-                h = h.float()
-            h = module(h)
-        return h
+        return self.blocks.output(self.blocks[:-1](x.to(dtype)).float())
 
 
 class Decoder(nn.Module):
@@ -171,17 +166,10 @@ class Decoder(nn.Module):
 
     def __init__(self, n_init=128, n_hid=256, n_blk_per_group=2, group_count=4, output_channels=3, vocab_size=8192):
         super().__init__()
-        n_layers = group_count * n_blk_per_group
-        n_in = n_init
-        blocks = [('input', Conv2d(vocab_size, n_init, 1))]
-        for g in range(group_count):
-            width = n_hid * 2 ** (group_count - 1 - g)
-            up = ('upsample', nn.Upsample(scale_factor=2, mode='nearest')) if g < group_count - 1 else None
-            blocks.append((f'group_{g + 1}', _group(n_in, width, n_blk_per_group, n_layers, (1, 3, 3, 3), up)))
-            n_in = width
-        output = [('relu', nn.ReLU()), ('conv', Conv2d(n_in, 2 * output_channels, 1))]
-        blocks.append(('output', nn.Sequential(collections.OrderedDict(output))))
-        self.blocks = nn.Sequential(collections.OrderedDict(blocks))
+        widths = [n_hid * 2 ** g for g in reversed(range(group_count))]
+        up = ('upsample', functools.partial(nn.Upsample, scale_factor=2, mode='nearest'))
+        self.blocks = _blocks(Conv2d(vocab_size, n_init, 1), widths, n_blk_per_group, (1, 3, 3, 3), up,
+                              2 * output_channels)
 
     def embed(self, tokens):
         """The input conv of one_hot(tokens) without the one-hot: a lookup of its weight columns, in float32.
@@ -197,34 +185,15 @@ class Decoder(nn.Module):
         dtype None: all in z's dtype (or autocast's; tokens: float32). Else the input conv (or lookup) runs in
         float32 and everything after it, the output conv included, in `dtype`, DALL-E's policy (body_dtype).
         """
-        if not z.is_floating_point():
-            h = self.embed(z)
-        elif dtype is None:
-            h = self.blocks.input(z)
+        if z.is_floating_point():
+            h = self.blocks.input(z if dtype is None else z.float())
         else:
-            h = self.blocks.input(z.float())
-        if dtype is not None:
-            h = h.to(dtype)
-        for name, module in self.blocks.named_children():
-            if name != 'input':
-                h = module(h)
-        return h
+            h = self.embed(z)
+        return self.blocks[1:](h if dtype is None else h.to(dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The frozen tokenizer that cim.py and train.py use
-
-def _check_images(imgs, downsample):
-    """One-line ValueError unless imgs is a float [B, 3, H, W] tensor with H, W divisible by downsample."""
-    if not torch.is_tensor(imgs) or imgs.dim() != 4 or imgs.shape[1] != 3:
-        shape = tuple(imgs.shape) if torch.is_tensor(imgs) else type(imgs).__name__
-        raise ValueError(f"tokenizer expects images [B, 3, H, W], got {shape}")
-    if not imgs.is_floating_point():
-        raise ValueError(f"tokenizer expects float images in [0, 1], got dtype {imgs.dtype}")
-    if imgs.shape[2] % downsample or imgs.shape[3] % downsample:
-        raise ValueError(f"image size {imgs.shape[2]}x{imgs.shape[3]} is not divisible by the tokenizer's "
-                         f"downsampling factor {downsample}")
-
 
 class Tokenizer(nn.Module):
     """A frozen Encoder/Decoder pair: images [B, 3, H, W] in [0, 1] <-> tokens [B, H/d, W/d], d = downsample.
@@ -243,8 +212,7 @@ class Tokenizer(nn.Module):
         self.downsample = 2 ** (group_count - 1)
         self.encoder = Encoder(n_hid, n_blk_per_group, group_count, 3, vocab_size)
         self.decoder = Decoder(n_init, n_hid, n_blk_per_group, group_count, 3, vocab_size)
-        self.requires_grad_(False)
-        self.eval()
+        self.requires_grad_(False).eval()
 
     def train(self, mode=True):
         return super().train(False)  # frozen
@@ -259,7 +227,12 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def encode(self, imgs):
         """imgs: [B, 3, H, W] float in [0, 1] (not mean/std normalized) -> tokens [B, H/d, W/d] long (argmax)."""
-        _check_images(imgs, self.downsample)
+        if not torch.is_tensor(imgs) or imgs.dim() != 4 or imgs.shape[1] != 3 or not imgs.is_floating_point():
+            got = f"{tuple(imgs.shape)} of dtype {imgs.dtype}" if torch.is_tensor(imgs) else type(imgs).__name__
+            raise ValueError(f"tokenizer expects images [B, 3, H, W], float in [0, 1], got {got}")
+        if imgs.shape[2] % self.downsample or imgs.shape[3] % self.downsample:
+            raise ValueError(f"image size {imgs.shape[2]}x{imgs.shape[3]} is not divisible by the tokenizer's "
+                             f"downsampling factor {self.downsample}")
         with torch.autocast(imgs.device.type, enabled=False), without_tf32():
             x = map_pixels(imgs.float()).contiguous(memory_format=torch.channels_last)  # faster convs
             logits = self.encoder(x, dtype=body_dtype(imgs.device))  # [B, vocab_size, H/d, W/d] float32
@@ -269,8 +242,8 @@ class Tokenizer(nn.Module):
     def decode(self, tokens):
         """tokens: [B, h, w] integer -> images [B, 3, h*d, w*d] float32 in [0, 1] (sigmoid of the means, unmapped)."""
         if not torch.is_tensor(tokens) or tokens.dim() != 3 or tokens.is_floating_point():
-            shape = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
-            raise ValueError(f"decode expects integer tokens [B, h, w], got {shape}")
+            got = f"{tuple(tokens.shape)} of dtype {tokens.dtype}" if torch.is_tensor(tokens) else type(tokens).__name__
+            raise ValueError(f"decode expects integer tokens [B, h, w], got {got}")
         with torch.autocast(tokens.device.type, enabled=False):
             stats = self.decoder(tokens.long(), dtype=body_dtype(tokens.device))  # [B, 6, h*d, w*d]
         return unmap_pixels(torch.sigmoid(stats[:, :3].float()))
@@ -281,110 +254,76 @@ class Tokenizer(nn.Module):
 # torch.load would import dall_e and run whatever the pickle names. Our unpickler resolves only an allow-list:
 # the dall_e and torch.nn classes become inert stand-ins that just record their attributes, plus the containers
 # and tensor-rebuild functions torch's own weights_only loader allows. Any other global is refused, unexecuted.
+# torch.load(weights_only=True) with the stand-ins as safe_globals reads the zip format, but not the legacy one:
+# there each whole-module pickle carries its class's source code, which that loader refuses.
+
+class _Pickled(nn.Module):
+    """Inert stand-in for a pickled class: an nn.Module with no code of its own. Unpickling only fills its __dict__
+    (nn.Module.__setstate__), so it holds the pickled module's attributes, parameters and submodules, which
+    named_parameters() and modules() walk. nn.Module.dump_patches = False: torch's legacy-format source check."""
+
 
 _STAND_INS = {  # (module, name) of every class in the published files
     ('dall_e.encoder', 'Encoder'), ('dall_e.encoder', 'EncoderBlock'), ('dall_e.decoder', 'Decoder'),
     ('dall_e.decoder', 'DecoderBlock'), ('dall_e.utils', 'Conv2d'), ('torch.nn.modules.container', 'Sequential'),
     ('torch.nn.modules.activation', 'ReLU'), ('torch.nn.modules.pooling', 'MaxPool2d'),
     ('torch.nn.modules.upsampling', 'Upsample'), ('torch.nn.modules.linear', 'Identity')}
-_SAFE_GLOBALS = {
+_ALLOWED = {  # the stand-ins, and the containers and tensor rebuilders torch's weights_only loader allows
+    **{key: type(key[1], (_Pickled,), {'pickled_name': '.'.join(key)}) for key in _STAND_INS},
     ('collections', 'OrderedDict'): collections.OrderedDict, ('builtins', 'set'): set, ('__builtin__', 'set'): set,
     ('torch', 'device'): torch.device, ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
     ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
     ('torch._utils', '_rebuild_parameter_with_state'): torch._utils._rebuild_parameter_with_state}
 
 
-class _Pickled:
-    """Inert stand-in for a pickled class: unpickling only fills its __dict__ (the module's attributes)."""
-    dump_patches = False  # read by torch's legacy-format source check
-
-
-_stand_in_classes = {key: type(key[1], (_Pickled,), {'pickled_name': '.'.join(key)}) for key in _STAND_INS}
-
-
 class _AllowListUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) in _SAFE_GLOBALS:
-            return _SAFE_GLOBALS[module, name]
-        if (module, name) in _stand_in_classes:
-            return _stand_in_classes[module, name]
-        raise ValueError(f"refusing to unpickle global '{module}.{name}': not part of a DALL-E dVAE file")
-
-
-def _allow_list_load(f, **kwargs):
-    return _AllowListUnpickler(f, **kwargs).load()
+        if (module, name) not in _ALLOWED:
+            raise ValueError(f"refusing to unpickle global '{module}.{name}': not part of a DALL-E dVAE file")
+        return _ALLOWED[module, name]
 
 
 # what torch.load(pickle_module=...) needs of a pickle module (torch's storage classes are resolved by torch itself)
 _allow_list_pickle = types.SimpleNamespace(__name__='dvae_allow_list', Unpickler=_AllowListUnpickler,
-                                           load=_allow_list_load)
+                                           load=lambda f, **kwargs: _AllowListUnpickler(f, **kwargs).load())
 
 
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def _captured_modules(obj, prefix=''):
-    """Walk a captured module tree: yields (name, stand-in) pairs, the root first ('')."""
-    yield prefix.rstrip('.'), obj
-    for k, child in vars(obj).get('_modules', {}).items():
-        if isinstance(child, _Pickled):
-            yield from _captured_modules(child, f'{prefix}{k}.')
-
-
-def _read_dalle_pickle(path, kind):
-    """path: a torch.save'd dall_e.encoder.Encoder (kind 'Encoder') or Decoder
-    -> (its attributes, state dict, set of its blocks' post-gains)."""
+def _read_dalle_pickle(path, expected):
+    """path: a torch.save'd dall_e module of class `expected` ('dall_e.encoder.Encoder' or 'dall_e.decoder.Decoder')
+    -> (its stand-in, its parameters {name: tensor})."""
     if not os.path.isfile(path):
-        raise engine.UserError(f"'{path}' not found: download https://cdn.openai.com/dall-e/{os.path.basename(path)}")
+        url = 'https://cdn.openai.com/dall-e/' + os.path.basename(path)
+        raise engine.UserError(f"'{path}' does not exist: download {url}")
     try:
         with warnings.catch_warnings():  # torch's legacy-format loader warns about the stand-ins' source code
             warnings.simplefilter('ignore')
             obj = torch.load(path, map_location='cpu', pickle_module=_allow_list_pickle, weights_only=False)
-    except ValueError as e:
-        raise engine.UserError(f"'{path}': {_first_line(e)}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, TypeError, KeyError) as e:
-        raise engine.UserError(f"cannot read '{path}' as a DALL-E dVAE pickle: {_first_line(e)}") from None
-    expected = f'dall_e.{kind.lower()}.{kind}'
-    if getattr(obj, 'pickled_name', None) != expected:
         found = getattr(obj, 'pickled_name', type(obj).__name__)
-        raise engine.UserError(f"'{path}' holds an object of type {found}, not a pickled {expected} "
-                               f"(OpenAI's {kind.lower()}.pkl)")
-    modules = dict(_captured_modules(obj))
-    sd = {f'{name}.{k}'.lstrip('.'): v for name, m in modules.items()
-          for k, v in vars(m).get('_parameters', {}).items()}
-    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise engine.UserError(f"'{path}' holds no parameter tensors")
-    gains = {vars(m).get('post_gain') for name, m in modules.items() if name.split('.')[-1].startswith('block_')}
-    return vars(obj), sd, gains
+        if found != expected:
+            raise ValueError(f"it holds an object of type {found}, not a pickled {expected}")
+        return obj, dict(obj.named_parameters())
+    except Exception as e:  # a refused global (unexecuted), not a file torch.save wrote, or not that dall_e module
+        raise engine.UserError(f"cannot read '{path}' as a DALL-E dVAE pickle: {str(e)[:200]}") from None
 
 
 def load_dalle(path):
     """A folder with OpenAI's encoder.pkl and decoder.pkl -> frozen Tokenizer with their weights (strict)."""
-    if not os.path.isdir(path):
-        raise engine.UserError(f"DALL-E weights folder '{path}' does not exist (it should hold encoder.pkl and "
-                               f"decoder.pkl from https://cdn.openai.com/dall-e/)")
-    enc, enc_sd, enc_gains = _read_dalle_pickle(os.path.join(path, 'encoder.pkl'), 'Encoder')
-    dec, dec_sd, dec_gains = _read_dalle_pickle(os.path.join(path, 'decoder.pkl'), 'Decoder')
-    # hyper-parameters: the pickled attributes; dall_e always builds 4 groups (group_count is a class constant)
-    group_count = sum(k.startswith('blocks.group_') and k.endswith('.block_1.res_path.conv_1.w') for k in enc_sd)
-    config = dict(vocab_size=enc.get('vocab_size'), n_hid=enc.get('n_hid'),
-                  n_blk_per_group=enc.get('n_blk_per_group'), group_count=group_count, n_init=dec.get('n_init'))
-    for key in ('vocab_size', 'n_hid', 'n_blk_per_group'):
-        if dec.get(key) != config[key]:
-            raise engine.UserError(f"'{path}': encoder.pkl and decoder.pkl disagree on {key}: "
-                                   f"{config[key]}, {dec.get(key)}")
-    if not all(isinstance(v, int) and v > 0 for v in config.values()):
-        raise engine.UserError(f"'{path}': unexpected DALL-E hyper-parameters {config}")
-    if enc_gains | dec_gains != {1 / (group_count * config['n_blk_per_group']) ** 2}:  # residual post-gains
-        raise engine.UserError(f"'{path}': residual post-gains {enc_gains | dec_gains} do not fit {group_count} groups")
-    tok = Tokenizer(**config)
+    enc, enc_sd = _read_dalle_pickle(os.path.join(path, 'encoder.pkl'), 'dall_e.encoder.Encoder')
+    dec, dec_sd = _read_dalle_pickle(os.path.join(path, 'decoder.pkl'), 'dall_e.decoder.Decoder')
+    # hyper-parameters: the pickled attributes (a decoder that disagrees does not fit: load_state_dict says so);
+    # dall_e always builds 4 groups (group_count is a class constant), so they are counted
+    group_count = sum(k.endswith('.block_1.res_path.conv_1.w') for k in enc_sd)
+    config = {key: vars(enc).get(key) for key in ('vocab_size', 'n_hid', 'n_blk_per_group')}
+    config.update(group_count=group_count, n_init=vars(dec).get('n_init'))
     state = {**{'encoder.' + k: v for k, v in enc_sd.items()}, **{'decoder.' + k: v for k, v in dec_sd.items()}}
-    try:
+    try:  # TypeError: an attribute missing (None)
+        tok = Tokenizer(**config)
         tok.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise engine.UserError(f"'{path}': weights do not fit a DALL-E dVAE with {config}: "
-                               f"{' '.join(str(e).split())[:300]}") from None
+    except (TypeError, RuntimeError) as e:
+        raise engine.UserError(f"'{path}': weights do not fit a DALL-E dVAE with {config}: {str(e)[:300]}") from None
+    gains = {vars(m).get('post_gain') for m in [*enc.modules(), *dec.modules()] if m.pickled_name.endswith('Block')}
+    if gains != {tok.encoder.blocks.group_1.block_1.post_gain}:  # a residual scaling our modules would not apply
+        raise engine.UserError(f"'{path}': residual post-gains {gains} do not fit {group_count} groups")
     return tok
 
 
@@ -398,20 +337,15 @@ def load_tokenizer(path):
     """A DALL-E weights folder (-> load_dalle), or a .pt from save_tokenizer / `python dvae.py train` -> Tokenizer."""
     if os.path.isdir(path):
         return load_dalle(path)
-    if not os.path.isfile(path):
-        raise engine.UserError(f"tokenizer '{path}' does not exist (pass a folder with DALL-E's encoder.pkl and "
-                               f"decoder.pkl, or a .pt written by dvae.py)")
     if os.path.basename(path) in ('encoder.pkl', 'decoder.pkl'):
         return load_dalle(os.path.dirname(path) or '.')
     ckpt = engine.torch_load(path, 'tokenizer (a dvae.py .pt file or a DALL-E folder)')
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict) and 'state_dict' in ckpt):
-        raise engine.UserError(f"'{path}' is not a tokenizer saved by dvae.py (a dict with 'config' and 'state_dict')")
-    try:
+    try:  # a dict of 'config' and 'state_dict' that fit each other
         tok = Tokenizer(**ckpt['config'])
         tok.load_state_dict(ckpt['state_dict'], strict=True)
-    except (TypeError, RuntimeError) as e:
-        detail = ' '.join(str(e).split())[:300]
-        raise engine.UserError(f"'{path}': config/weights do not fit a Tokenizer: {detail}") from None
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise engine.UserError(f"'{path}' is not a tokenizer saved by dvae.py, or its config and weights do not fit: "
+                               f"{type(e).__name__} {str(e)[:300]}") from None
     return tok
 
 
@@ -451,7 +385,8 @@ def train_tokenizer(loader, config, steps, lr=4e-3, device='cpu', kl_weight=6.6,
                     ckpt_path=None, ckpt_every=500, resume=False):
     """Train Tokenizer(**config) as a discrete VAE for `steps` AdamW steps -> the trained, frozen Tokenizer.
 
-    loader: yields imgs [B, 3, H, W] in [0, 1], or tuples/lists whose first element is that; re-iterated as needed.
+    loader: yields imgs [B, 3, H, W] in [0, 1] (H, W divisible by the tokenizer's downsampling), or tuples/lists
+    whose first element is that; re-iterated as needed.
     DALL-E's schedules (App. A: tau 1 -> 1/16 over 150k, KL weight 0 -> 6.6 over 5k, lr decayed 80x, all cosine)
     compressed to `steps`: tau over the first 60%, KL weight over the first 10%, lr over all steps.
     log(metrics dict) every 50 steps; the checkpoint at ckpt_path (written atomically every ckpt_every steps and at
@@ -466,36 +401,27 @@ def train_tokenizer(loader, config, steps, lr=4e-3, device='cpu', kl_weight=6.6,
         if ckpt.get('config') != tok.config:
             raise engine.UserError(f"cannot resume from '{ckpt_path}': its config {ckpt.get('config')} is not "
                                    f"{tok.config}; pass the same flags, or a new --out-dir to start afresh")
-        if 'steps' not in ckpt:
-            raise engine.UserError(f"cannot resume from '{ckpt_path}': written by an older dvae.py that did not "
-                                   f"store its schedule length; pass a new --out-dir to train afresh")
-        if ckpt['steps'] != steps:
+        if ckpt.get('steps') != steps:  # the schedules are fractions of `steps`
             raise engine.UserError(f"cannot resume from '{ckpt_path}': its schedules (tau, KL weight, lr) span "
-                                   f"{ckpt['steps']} steps, not {steps}; resume with --steps {ckpt['steps']}, "
+                                   f"{ckpt.get('steps')} steps, not {steps}; resume with --steps {ckpt.get('steps')}, "
                                    f"or pass a new --out-dir to train afresh")
         tok.load_state_dict(ckpt['state_dict'])
         opt.load_state_dict(ckpt['optimizer'])
         step = ckpt['step']
     bar = engine.progress(progress, total=steps, initial=step, desc='dvae')  # in a terminal; else lines
-    checked = False
     while step < steps:
-        n_batches = 0
-        for batch in loader:
+        epoch_start = step
+        for batch in itertools.islice(loader, steps - step):
             imgs = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(device, non_blocking=True)
-            if not checked:
-                _check_images(imgs, tok.downsample)
-                checked = True
             frac = step / steps
             tau = _cosine(frac / 0.6, 1.0, 1 / 16)
             beta = _cosine(frac / 0.1, 0.0, kl_weight)
-            for group in opt.param_groups:
-                group['lr'] = _cosine(frac, lr, lr / 80)
+            opt.param_groups[0]['lr'] = _cosine(frac, lr, lr / 80)  # the one group
             loss, metrics = dvae_loss(tok, imgs, tau, beta)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             step += 1
-            n_batches += 1
             bar.update()
             if step % 50 == 0 or step == steps:  # the only host syncs
                 metrics = {'step': step, **{k: round(v.item(), 5) for k, v in metrics.items()},
@@ -509,10 +435,8 @@ def train_tokenizer(loader, config, steps, lr=4e-3, device='cpu', kl_weight=6.6,
                     log(metrics)
             if ckpt_path and (step % ckpt_every == 0 or step == steps):
                 engine.atomic_save({'config': tok.config, 'state_dict': tok.state_dict(), 'optimizer': opt.state_dict(),
-                              'step': step, 'steps': steps}, ckpt_path)
-            if step >= steps:
-                break
-        if n_batches == 0:
+                                   'step': step, 'steps': steps}, ckpt_path)
+        if step == epoch_start:  # else the loop would never end
             raise engine.UserError("the tokenizer's data loader yields no batches (fewer images than one batch?)")
     bar.close()
     return tok.requires_grad_(False)
@@ -551,26 +475,19 @@ def save_reconstructions(path, tok, imgs, nrow=8):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line: train / eval
 
-def fashion_mnist_images(train=True, size=32):
-    """Fashion-MNIST (engine.fashion_mnist) as float [N, 3, size, size] in [0, 1]: resized, gray expanded to RGB."""
-    x = engine.fashion_mnist(train=train)[0][:, None].float() / 255  # [N, 1, 28, 28]
-    if size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=size < x.shape[-1]).clamp(0, 1)
-    return x.expand(-1, 3, -1, -1)
-
-
 def _dataset(data, size, train):
     """'fashion-mnist' or an image folder (with train/ and test/ or val/, else 5% of it held out)
     -> (the training or held-out Dataset of (img [3, size, size] in [0, 1], ...), which images these are in words)."""
     split = 'training' if train else 'test'
     if data == 'fashion-mnist':
-        images = fashion_mnist_images(train, size)
+        x = engine.fashion_mnist(train=train)[0][:, None].float() / 255  # [N, 1, 28, 28]
+        x = F.interpolate(x, size=(size, size), mode='bilinear', antialias=size < 28).clamp(0, 1)  # 28: unchanged
+        images = x.expand(-1, 3, -1, -1)  # gray as RGB
         return torch.utils.data.TensorDataset(images), f"Fashion-MNIST's {split} split ({len(images)} images)"
     from torchvision.transforms import v2
-    tf = [v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)]
-    if train:
-        tf.append(v2.RandomHorizontalFlip())
-    tf = v2.Compose(tf)
+    flip = [v2.RandomHorizontalFlip()] if train else []
+    tf = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size),
+                     v2.ToDtype(torch.float32, scale=True)] + flip)
     held = [d for d in ('test', 'val') if os.path.isdir(os.path.join(data, d))]
     if os.path.isdir(os.path.join(data, 'train')) and held:
         folder = os.path.join(data, 'train' if train else held[0])
@@ -585,113 +502,88 @@ def _dataset(data, size, train):
     return torch.utils.data.Subset(images, perm[:n_held]), f"the 5% held out from training {why}"
 
 
-def _eval_images(data, size, n):
-    """Up to n fixed random images of `data`'s held-out split -> [k, 3, size, size]; prints which and why."""
-    dataset, which = _dataset(data, size, train=False)
-    k = min(n, len(dataset))
-    count = f"{k} of the requested {n}" if k < n else f"{k}"
-    print(f"evaluating on {count} image{'s' if n > 1 else ''}: {which}")
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:k].tolist()
-    return torch.stack([dataset[i][0] for i in idx])
-
-
-def _report(stats, n, vocab_size):
-    return (f"PSNR {stats['psnr']:.2f} dB, perplexity {stats['perplexity']:.1f}, codes used "
-            f"{100 * stats['usage']:.1f}% of {vocab_size}, on {n} held-out images")
-
-
-def _print_json(file, metrics):
-    print(json.dumps(metrics), file=file, flush=True)
+def _evaluate(tok, args, png):
+    """tok on up to args.eval_images fixed random images of args.data's held-out split: prints which images and the
+    metrics, writes the PNG of reconstructions -> evaluate_tokenizer's dict with 'n_images'."""
+    dataset, which = _dataset(args.data, args.image_size, train=False)
+    n = min(args.eval_images, len(dataset))
+    count = f"{n} of the requested {args.eval_images}" if n < args.eval_images else n
+    print(f"evaluating on {count} image{'s' if args.eval_images > 1 else ''}: {which}")
+    imgs = next(iter(torch.utils.data.DataLoader(engine.subset(dataset, n), batch_size=n)))[0]  # the same n every run
+    stats = evaluate_tokenizer(tok, imgs)
+    save_reconstructions(png, tok, imgs[:32])
+    print(f"PSNR {stats['psnr']:.2f} dB, perplexity {stats['perplexity']:.1f}, codes used {100 * stats['usage']:.1f}% "
+          f"of {tok.vocab_size}, on {n} held-out images; wrote {png}")
+    return {**stats, 'n_images': n}
 
 
 def cmd_train(args):
-    d = 2 ** (args.groups - 1)
-    if args.image_size % d:
-        raise engine.UserError(f"--image-size {args.image_size} is not divisible by the downsampling "
-                               f"2^(groups-1) = {d}")
+    if args.image_size % 2 ** (args.group_count - 1):
+        raise engine.UserError(f"--image-size {args.image_size} is not divisible by the downsampling 2^(groups-1)")
     torch.manual_seed(args.seed)
     train_set, which = _dataset(args.data, args.image_size, train=True)
     workers = 0 if args.data == 'fashion-mnist' else args.workers  # tensors in memory need no workers
     loader = torch.utils.data.DataLoader(train_set, args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=workers, persistent_workers=workers > 0)
     if len(loader) == 0:
-        raise engine.UserError(f"'{args.data}' has {len(train_set)} training images, fewer than a batch of "
-                               f"{args.batch_size}")
+        raise engine.UserError(f"'{args.data}' has {len(train_set)} training images, fewer than one --batch-size")
     steps = args.steps or (args.epochs or 1) * len(loader)
-    config = dict(vocab_size=args.vocab, n_hid=args.n_hid, n_blk_per_group=args.blocks, group_count=args.groups,
-                  n_init=args.n_init)
+    config = {key: getattr(args, key) for key in SMALL_CONFIG}  # the model flags' dests
     print(f"training a tokenizer {config} for {steps} steps on {len(train_set)} images: {which}")
     os.makedirs(args.out_dir, exist_ok=True)
     t0 = time.time()
-    with open(os.path.join(args.out_dir, 'log.jsonl'), 'a') as f:
-        tok = train_tokenizer(loader, config, steps, lr=args.lr, device=args.device, kl_weight=args.kl_weight,
-                              log=functools.partial(_print_json, f), resume=args.resume,
-                              ckpt_path=os.path.join(args.out_dir, 'checkpoint.pt'))
+    tok = train_tokenizer(loader, config, steps, lr=args.lr, device=args.device, kl_weight=args.kl_weight,
+                          log=functools.partial(engine.log_jsonl, os.path.join(args.out_dir, 'log.jsonl')),
+                          resume=args.resume, ckpt_path=os.path.join(args.out_dir, 'checkpoint.pt'))
     minutes = (time.time() - t0) / 60
     save_tokenizer(tok, os.path.join(args.out_dir, 'tokenizer.pt'))
-    imgs = _eval_images(args.data, args.image_size, args.eval_images)
-    stats = evaluate_tokenizer(tok, imgs)
-    save_reconstructions(os.path.join(args.out_dir, 'reconstructions.png'), tok, imgs[:32])
+    print(f"trained {minutes:.1f} min; wrote {args.out_dir}/tokenizer.pt (report.json after the evaluation)")
+    stats = _evaluate(tok, args, os.path.join(args.out_dir, 'reconstructions.png'))
     with open(os.path.join(args.out_dir, 'report.json'), 'w') as f:
-        json.dump({**stats, 'n_images': len(imgs), 'train_minutes': round(minutes, 2), 'steps': steps,
-                   'config': config, 'args': vars(args)}, f, indent=1)
-    print(f"{_report(stats, len(imgs), args.vocab)}; trained {minutes:.1f} min; wrote {args.out_dir}/tokenizer.pt, "
-          f"reconstructions.png, report.json")
-
-
-def cmd_eval(args):
-    tok = load_tokenizer(args.tokenizer).to(args.device)
-    imgs = _eval_images(args.data, args.image_size, args.eval_images)
-    stats = evaluate_tokenizer(tok, imgs)
-    save_reconstructions(args.out, tok, imgs[:32])
-    print(f"{_report(stats, len(imgs), tok.vocab_size)}; wrote {args.out}")
+        json.dump({**stats, 'train_minutes': round(minutes, 2), 'steps': steps, 'config': config, 'args': vars(args)},
+                  f, indent=1)
 
 
 def main(argv=None):
     parser = engine.ArgumentParser(description=__doc__)
     sub = parser.add_subparsers(dest='cmd', required=True)  # subparsers: engine.ArgumentParser too
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    folder = ("image folder (with train/ and test/ or val/ subfolders, else a fixed 5%% is held out for evaluation), "
-              "or 'fashion-mnist' (the demo data)")
-    p = sub.add_parser('train', help='train a small tokenizer (discrete VAE)',
-                       description="Train a small DALL-E-style dVAE tokenizer (SMALL_CONFIG by default).")
-    p.add_argument('--data', required=True, help=folder)
-    p.add_argument('--image-size', type=int, default=32, help='images are resized and center-cropped to this side')
-    p.add_argument('--vocab', type=int, default=SMALL_CONFIG['vocab_size'], help='number of codes (tokens)')
-    p.add_argument('--n-hid', type=int, default=SMALL_CONFIG['n_hid'],
-                   help='width of the first encoder / last decoder group (doubles per group)')
-    p.add_argument('--groups', type=int, default=SMALL_CONFIG['group_count'],
-                   help='resolution groups: downsampling 2^(groups-1)')
-    p.add_argument('--blocks', type=int, default=SMALL_CONFIG['n_blk_per_group'], help='residual blocks per group')
-    p.add_argument('--n-init', type=int, default=SMALL_CONFIG['n_init'],
-                   help="decoder width after the token embedding")
-    p.add_argument('--steps', type=int, default=None,
-                   help='training steps, which the tau / KL weight / lr schedules span (default: --epochs epochs)')
-    p.add_argument('--epochs', type=int, default=None, help='epochs, when --steps is not given (default: 1)')
-    p.add_argument('--batch-size', type=int, default=64, help='images per step')
-    p.add_argument('--lr', type=float, default=4e-3, help='peak AdamW learning rate (cosine-decayed 80x)')
-    p.add_argument('--kl-weight', type=float, default=6.6, help="final KL weight (DALL-E's)")
-    p.add_argument('--eval-images', type=int, default=1000, help='held-out images evaluated after training')
-    p.add_argument('--workers', type=int, default=2, help='data-loader processes (image folders only)')
-    p.add_argument('--device', default=device, help='torch device')
-    p.add_argument('--seed', type=int, default=0, help='random seed (initialization, data order)')
-    p.add_argument('--resume', action='store_true',
-                   help='continue from OUT_DIR/checkpoint.pt (same model flags and --steps)')
-    p.add_argument('--out-dir', default='runs/dvae',
-                   help='where tokenizer.pt, checkpoint.pt, log.jsonl, report.json and reconstructions.png go')
-    p = sub.add_parser('eval', help="a tokenizer's reconstruction PSNR and code usage on held-out images",
-                       description="A tokenizer's reconstruction PSNR, code perplexity and usage on held-out images, "
-                                   "and a PNG of originals and reconstructions.")
-    p.add_argument('--tokenizer', required=True, help="DALL-E weights folder (encoder.pkl, decoder.pkl) or a .pt "
-                                                      "from dvae.py train")
-    p.add_argument('--data', required=True, help=folder)
-    p.add_argument('--image-size', type=int, default=112, help="images are resized and center-cropped to this side "
-                                                               "(CIM's tokenizer view: 112)")
-    p.add_argument('--eval-images', type=int, default=1000, help='held-out images evaluated (at most)')
-    p.add_argument('--device', default=device, help='torch device')
-    p.add_argument('--out', default='runs/dvae_eval.png', help='PNG: rows of originals, each above its reconstructions')
+    about = "train a small DALL-E-style dVAE tokenizer (SMALL_CONFIG by default)"
+    p_train = sub.add_parser('train', help=about, description=about)
+    about = "a tokenizer's reconstruction PSNR, code perplexity and usage on held-out images, and a PNG of them"
+    p_eval = sub.add_parser('eval', help=about, description=about)
+    for p, size in ((p_train, 32), (p_eval, 112)):
+        p.add_argument('--data', required=True, help="image folder (with train/ and test/ or val/ subfolders, else a "
+                       "fixed 5%% is held out for evaluation), or 'fashion-mnist' (the demo data)")
+        p.add_argument('--image-size', type=engine.POSITIVE, default=size,
+                       help="images are resized and center-cropped to this side (CIM's tokenizer view: 112)")
+        p.add_argument('--eval-images', type=engine.POSITIVE, default=1000, help='held-out images evaluated (at most)')
+        p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
+    model_flags = {'--vocab': ('vocab_size', 'number of codes (tokens)'),  # flag: (Tokenizer argument, help)
+                   '--n-hid': ('n_hid', 'width of the first encoder / last decoder group (doubles per group)'),
+                   '--groups': ('group_count', 'resolution groups: downsampling 2^(groups-1)'),
+                   '--blocks': ('n_blk_per_group', 'residual blocks per group'),
+                   '--n-init': ('n_init', 'decoder width after the token embedding')}
+    for flag, (key, what) in model_flags.items():
+        p_train.add_argument(flag, dest=key, metavar='N', type=engine.POSITIVE, default=SMALL_CONFIG[key], help=what)
+    p_train.add_argument('--steps', type=engine.POSITIVE,
+                         help='training steps: what the tau / KL weight / lr schedules span (default: --epochs epochs)')
+    p_train.add_argument('--epochs', type=engine.POSITIVE, help='epochs, when --steps is not given (default: 1)')
+    p_train.add_argument('--batch-size', type=engine.POSITIVE, default=64, help='images per step')
+    p_train.add_argument('--lr', type=float, default=4e-3, help='peak AdamW learning rate (cosine-decayed 80x)')
+    p_train.add_argument('--kl-weight', type=engine.NON_NEGATIVE_FLOAT, default=6.6, help="final KL weight (DALL-E's)")
+    p_train.add_argument('--workers', type=engine.NON_NEGATIVE, default=2, help='data-loader processes (folders only)')
+    p_train.add_argument('--seed', type=int, default=0, help='random seed (initialization, data order)')
+    p_train.add_argument('--resume', action='store_true',
+                         help='continue from OUT_DIR/checkpoint.pt (same model flags and --steps)')
+    p_train.add_argument('--out-dir', default='runs/dvae',
+                         help='where tokenizer.pt, checkpoint.pt, log.jsonl, report.json and reconstructions.png go')
+    p_eval.add_argument('--tokenizer', required=True, help="DALL-E folder (encoder.pkl, decoder.pkl) or a dvae.py .pt")
+    p_eval.add_argument('--out', default='runs/dvae_eval.png', help='PNG: originals, rows above their reconstructions')
     args = parser.parse_args(argv)
-    {'train': cmd_train, 'eval': cmd_eval}[args.cmd](args)
+    if args.cmd == 'train':
+        cmd_train(args)
+    else:
+        _evaluate(load_tokenizer(args.tokenizer).to(args.device), args, args.out)
 
 
 if __name__ == '__main__':
