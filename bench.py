@@ -17,12 +17,12 @@ import math
 import os
 import resource
 import tempfile
-import time
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.benchmark import Timer, timer  # timer(): perf_counter after synchronizing the accelerator, if any
 
 import cim
 import dvae
@@ -37,13 +37,11 @@ def get_args_parser():
     p.add_argument('--img-size', type=engine.POSITIVE, default=224)
     p.add_argument('--patch-size', type=engine.POSITIVE, default=16)
     p.add_argument('--batch-size', type=engine.POSITIVE, help='default: 128 on a GPU, 8 on the CPU')
-    p.add_argument('--tokenizer', metavar='PATH', help='default: a randomly initialized full-size DALL-E dVAE (the '
-                                                       'same compute as the real one)')
+    p.add_argument('--tokenizer', metavar='PATH', help='default: full-size DALL-E dVAE, random weights (same compute)')
     p.add_argument('--mask-type', default='random', choices=cim.MASK_TYPES)
     p.add_argument('--amp', choices=('bf16', 'fp16', 'none'), help='default: bf16 on a GPU, none on a CPU')
     p.add_argument('--compile', action='store_true', help='torch.compile the tokenizer, generator and enhancer')
-    p.add_argument('--steps', type=engine.POSITIVE, help='timed steps per measurement; default: 20 on a GPU, 3 on '
-                                                         'the CPU')
+    p.add_argument('--steps', type=engine.POSITIVE, help='timed steps per measurement; default: 20 on a GPU, 3 on CPU')
     p.add_argument('--num-workers', type=int, default=8, help='data loader processes per GPU (train.py: 8)')
     p.add_argument('--loader-images', type=engine.POSITIVE, default=64, help='JPEGs generated for the loader')
     p.add_argument('--no-loader', action='store_true', help='skip the data loader measurement')
@@ -64,154 +62,112 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = True  # as in training (and, as there, torch's default TF32 settings)
     where = torch.cuda.get_device_name() if cuda else f'CPU, {torch.get_num_threads()} threads'
     torch.manual_seed(args.seed)
-    if args.tokenizer:
-        tokenizer = dvae.load_tokenizer(args.tokenizer)
-    else:
-        tokenizer = dvae.Tokenizer()  # DALL-E's configuration, random weights
+    # default: DALL-E's configuration with random weights
+    tokenizer = dvae.load_tokenizer(args.tokenizer) if args.tokenizer else dvae.Tokenizer()
     tok_size = args.img_size // args.patch_size * tokenizer.downsample
-    compiled = ', compiled' if args.compile else ''
     print(f'benchmark: {args.arch} {args.task}, {args.img_size} px (tokenizer view {tok_size} px), batch '
-          f'{args.batch_size}, amp {dtype or "off"}{compiled}, {where}, torch {torch.__version__}')
+          f'{args.batch_size}, amp {dtype or "off"}{", compiled" if args.compile else ""}, {where}, '
+          f'torch {torch.__version__}')
     print(f'tokenizer: {args.tokenizer or "a full-size DALL-E dVAE with random weights (the same compute)"}')
-    step_imgs_per_s = None
-    if not args.loader_only:
-        peak = matmul_peak(device, torch.bfloat16)
-        print(f'dense bf16 matmul peak, measured: {peak / 1e12:.2f} TFLOP/s')
-        if dtype != torch.bfloat16:  # the share of peak is taken against the peak of the dtype the step runs in
-            run_dtype = dtype or torch.float32
-            peak = matmul_peak(device, run_dtype)
-            print(f'dense {str(run_dtype)[6:]} matmul peak, measured: {peak / 1e12:.2f} TFLOP/s (this run\'s '
-                  f'reference)')
-        step_imgs_per_s = benchmark_step(args, tokenizer, device, dtype, peak)
+    step_imgs_per_s = None if args.loader_only else benchmark_step(args, tokenizer, tok_size, device, dtype)
     if not args.no_loader:
         benchmark_loader(args, tok_size, step_imgs_per_s)
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# The device's peak
+# The device's peak, FLOPs and seconds
 
-@torch.no_grad()
-def matmul_peak(device, dtype, n=None, seconds=1.0):
-    """Dense matmul FLOP/s of this device: a large square matmul (8192 on a GPU, 1024 on the CPU) repeated for about
-    `seconds` after a warm-up. The reference for 'share of peak' (2 n^3 FLOPs per matmul)."""
-    cuda = device.type == 'cuda'
-    n = n or (8192 if cuda else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up: kernel selection, allocation
-    sync(device)
-    t0 = time.perf_counter()
-    reps = 0
-    while reps == 0 or time.perf_counter() - t0 < seconds:
-        for _ in range(10 if cuda else 1):  # a GPU runs them queued; a CPU without bf16 takes seconds for one
-            a @ b
-            reps += 1
-        sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
+def matmul_peak(device, dtype, seconds=1.0):
+    """Dense matmul FLOP/s of this device: a large square matmul (8192 on a GPU, 1024 on the CPU), timed in blocks
+    for about `seconds` after torch's warm-up (kernel selection, allocation), on all of torch's threads. The
+    reference for 'share of peak' (2 n^3 FLOPs per matmul)."""
+    n = 8192 if device.type == 'cuda' else 1024
+    a, b = torch.randn(2, n, n, device=device, dtype=dtype)
+    matmul = Timer('a @ b', globals=dict(a=a, b=b), num_threads=torch.get_num_threads())
+    return 2 * n ** 3 / matmul.blocked_autorange(min_run_time=seconds).median
 
 
 def count_flops(fn):
     """Analytical FLOPs (matmuls, convolutions, attention; forward and backward) of fn() by op shapes."""
     from torch.utils import flop_counter
-    ops = torch.ops.aten
     cpu_sdpa = {  # torch counts the CUDA attention kernels but not the CPU one; same formulas (shapes in)
-        ops._scaled_dot_product_flash_attention_for_cpu:
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
             lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(q, k, v),
-        ops._scaled_dot_product_flash_attention_for_cpu_backward:
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda grad, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(grad, q, k, v)}
     with flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
         fn()
     return counter.get_total_flops()
 
 
+def seconds_per_call(fn, calls):
+    """Mean seconds of fn() over `calls` back-to-back calls, synchronized only before and after, as in training."""
+    t0 = timer()
+    for _ in range(calls):
+        fn()
+    return (timer() - t0) / calls
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # One CIM step, timed whole (throughput) and stage by stage (the split), against the enhancer alone
 
-def benchmark_step(args, tokenizer, device, dtype, peak):
-    """Prints throughput, TFLOP/s, share of peak, time split and memory of a CIM step and of an enhancer-only step
-    -> CIM images/s."""
+def benchmark_step(args, tokenizer, tok_size, device, dtype):
+    """Prints the device's matmul peak, then throughput, TFLOP/s, share of that peak, time split and memory of a CIM
+    step and of an enhancer-only step -> CIM images/s."""
     cuda = device.type == 'cuda'
-    model = cim.CIM(tokenizer, args.arch, args.task, args.img_size, args.patch_size,
-                    mask_type=args.mask_type).to(device)
+    # the share of peak is taken against the peak of the dtype the step runs in, printed after bf16's
+    for peak_dtype in dict.fromkeys([torch.bfloat16, dtype or torch.float32]):
+        peak = matmul_peak(device, peak_dtype)
+        name, note = ('bf16', '') if peak_dtype == torch.bfloat16 else (str(peak_dtype)[6:], " (this run's reference)")
+        print(f'dense {name} matmul peak, measured: {peak / 1e12:.2f} TFLOP/s{note}')
+    model = cim.CIM(tokenizer, args.arch, args.task, args.img_size, args.patch_size, mask_type=args.mask_type)
+    model.to(device)
     B = args.batch_size
     imgs = torch.randn(B, 3, args.img_size, args.img_size, device=device)
-    tok_size = model.grid * tokenizer.downsample
     tok_imgs = torch.rand(B, 3, tok_size, tok_size, device=device)
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == torch.float16 else 1.0)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
     # train.py's own step. Block masks are made beforehand, as train.py's loader workers do; random ones on the device
     views = [imgs, tok_imgs] + ([model.make_mask(B, device)] if args.mask_type == 'block' else [])
-    enhancer_only = EnhancerOnly(model)
-
-    def cim_step():
-        train.train_step(model, [views], cim_opt, scaler, cim_params, ('loss',), 3.0, dtype)
-
-    def enhancer_step():
-        train.train_step(enhancer_only, [[imgs]], enh_opt, scaler, enh_params, ('loss',), 3.0, dtype)
-
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if dtype == torch.float16 else 1.0)
     cim_params = [p for p in model.parameters() if p.requires_grad]
     enh_params = list(model.enhancer.parameters()) + list(model.head.parameters())
     cim_opt = torch.optim.AdamW(engine.param_groups(model, 0.05, cim.NO_WEIGHT_DECAY_KEYS), lr=1e-4, fused=True)
     enh_opt = torch.optim.AdamW(enh_params, lr=1e-4, fused=True)
-    flops = {'enhancer only': count_flops(enhancer_step), 'CIM': count_flops(cim_step)}  # eager: by op shapes
+
+    def enhancer_only(imgs):  # the enhancer and head on the clean image, a stand-in loss (feature_map: compiled too)
+        return {'loss': model.head(model.feature_map(model.enhancer, imgs)).float().square().mean()}
+
+    def enhancer_step():
+        train.train_step(enhancer_only, [[imgs]], enh_opt, scaler, enh_params, ('loss',), 3.0, dtype)
+
+    def cim_step():
+        train.train_step(model, [views], cim_opt, scaler, cim_params, ('loss',), 3.0, dtype)
+
+    steps = {'enhancer only': enhancer_step, 'CIM': cim_step}
+    flops = {name: count_flops(step) for name, step in steps.items()}  # eager: by op shapes
     if args.compile:
         model.compile()
-    runs = {}
-    for name, step in (('enhancer only', enhancer_step), ('CIM', cim_step)):
+    seconds = {}
+    for name, step in steps.items():
         for _ in range(3 if cuda or args.compile else 1):  # warm-up: allocator, cuDNN autotuning, compilation
             step()
-        sync(device)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):  # not synchronized in between, as in training
-            step()
-        sync(device)
-        seconds = (time.perf_counter() - t0) / args.steps
-        if cuda:
-            memory = torch.cuda.max_memory_allocated()
-        else:
-            memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, in bytes
-        runs[name] = dict(seconds=seconds, flops=flops[name], memory=memory)
-    split = time_split(model, views, scaler, autocast, cim_opt, cim_params, dtype, device, args.steps)
-
-    for name, r in runs.items():
-        print(f"{name:>13}: {r['seconds'] * 1e3:9.1f} ms/step {B / r['seconds']:9.1f} img/s "
-              f"{r['flops'] / B / 1e9:7.1f} GFLOP/img {r['flops'] / r['seconds'] / 1e12:8.3f} TFLOP/s "
-              f"{100 * r['flops'] / r['seconds'] / peak:5.1f}% of peak, peak "
-              f"{'GPU memory' if cuda else 'process RSS'} {r['memory'] / 2 ** 30:.2f} GiB")
-    total = sum(split.values())
-    print('CIM step time split (synchronized stages): ' +
-          ', '.join(f'{k} {100 * v / total:.1f}%' for k, v in split.items()))
-    t_ratio = runs['CIM']['seconds'] / runs['enhancer only']['seconds']
-    f_ratio = runs['CIM']['flops'] / runs['enhancer only']['flops']
+        seconds[name] = s = seconds_per_call(step, args.steps)
+        # on the CPU, the process's peak RSS (bytes)
+        mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(f"{name:>13}: {s * 1e3:9.1f} ms/step {B / s:9.1f} img/s {flops[name] / B / 1e9:7.1f} GFLOP/img "
+              f"{flops[name] / s / 1e12:8.3f} TFLOP/s {100 * flops[name] / s / peak:5.1f}% of peak, peak "
+              f"{'GPU memory' if cuda else 'process RSS'} {mem / 2 ** 30:.2f} GiB")
+    time_split(model, views, cim_opt, scaler, cim_params, dtype, args.steps)
+    t_ratio = seconds['CIM'] / seconds['enhancer only']
+    f_ratio = flops['CIM'] / flops['enhancer only']
     print(f'CIM / enhancer-only: time ratio {t_ratio:.2f}x, FLOP ratio {f_ratio:.2f}x (time/FLOP ratio '
           f'{t_ratio / f_ratio:.2f}; 1.0 = the extra work runs as fast as the enhancer)')
     if cuda:  # a host sync inside the step stalls the GPU's queue
         where = host_syncs(cim_step)
         print(f"host syncs in one CIM step: {len(where)}{' at ' + ', '.join(sorted(set(where))) if where else ''}")
-    all_positions_cost(model, B, device, autocast, runs['CIM']['seconds'], args.steps)
-    return B / runs['CIM']['seconds']
-
-
-class EnhancerOnly(torch.nn.Module):
-    """The CIM's enhancer and head on the clean image with a stand-in loss: what the enhancer costs alone."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, imgs):
-        feats = self.model.feature_map(self.model.enhancer, imgs)  # compiled with the CIM under --compile
-        return {'loss': self.model.head(feats).float().square().mean()}
+    all_positions_cost(model, B, device, dtype, seconds['CIM'], args.steps)
+    return B / seconds['CIM']
 
 
 def host_syncs(step):
@@ -227,74 +183,64 @@ def host_syncs(step):
     return [f'{os.path.basename(w.filename)}:{w.lineno}' for w in caught if 'synchronizing' in str(w.message)]
 
 
-def time_split(model, views, scaler, autocast, optimizer, params, dtype, device, steps):
-    """Seconds per step of each stage, called one by one through CIM's own stage methods and synchronized after
-    each: the generator's and the enhancer's graphs are disjoint, so two backward calls give the gradients of one
-    backward of their sum. The optimizer stage is train.train_step's tail. -> {stage: seconds}."""
-    names = ('tokenizer encode', 'generator fwd+bwd', 'sample + decode', 'enhancer fwd+bwd', 'optimizer')
-    times = dict.fromkeys(names, 0.0)
-    imgs, tok_imgs = views[:2]
+def time_split(model, views, optimizer, scaler, params, dtype, steps):
+    """Prints the share of each stage in `steps` train.train_step calls whose model runs CIM's own stage methods
+    one by one, synchronized after each; train_step's autocast, backward and optimizer tail are its own. The
+    generator's and the enhancer's graphs are disjoint, so a backward after each half gives the gradients of
+    train.py's one backward of their sum."""
+    marks = []
+
+    def backward(loss):  # outside autocast, as train_step's own backward
+        with torch.autocast(loss.device.type, enabled=False):
+            scaler.scale(loss).backward()
+
+    def staged(imgs, tok_imgs, mask=None):
+        mask = model.make_mask(imgs.shape[0], imgs.device) if mask is None else mask
+        marks.append(timer())
+        golden = model.tokenize(tok_imgs)
+        marks.append(timer())
+        logits, gen_loss, _ = model.generate(imgs, mask, golden)
+        backward(gen_loss)
+        marks.append(timer())
+        _, replaced, corrupted_imgs = model.corrupt(golden, mask, logits)
+        marks.append(timer())
+        backward(model.enhancer_weight * model.enhance(corrupted_imgs, imgs, replaced)[2])
+        marks.append(timer())
+        # both backward passes are done: a leaf leaves train_step's own backward nothing to do
+        return {'loss': torch.zeros((), device=imgs.device, requires_grad=True)}
+
     for _ in range(steps):
-        mask = views[2] if len(views) > 2 else model.make_mask(imgs.shape[0], imgs.device)
-        marks = [time.perf_counter()]
-        with autocast():
-            golden = model.tokenize(tok_imgs)
-        sync(device)
-        marks.append(time.perf_counter())
-        with autocast():
-            logits, gen_loss, _ = model.generate(imgs, mask, golden)
-        scaler.scale(gen_loss).backward()
-        sync(device)
-        marks.append(time.perf_counter())
-        with autocast():
-            _, replaced, corrupted_imgs = model.corrupt(golden, mask, logits)
-        sync(device)
-        marks.append(time.perf_counter())
-        with autocast():
-            enh_loss = model.enhance(corrupted_imgs, imgs, replaced)[2]
-        scaler.scale(model.enhancer_weight * enh_loss).backward()
-        sync(device)
-        marks.append(time.perf_counter())
-        scaler.unscale_(optimizer)  # train.train_step's tail, as there
-        torch.nn.utils.clip_grads_with_norm_(params, 3.0, engine.grad_norm(params).to(params[0].dtype))
-        scaler.step(optimizer)
-        scaler.update(None if dtype == torch.float16 else 1.0)
-        optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        marks.append(time.perf_counter())
-        for name, a, b in zip(names, marks, marks[1:]):
-            times[name] += (b - a) / steps
-    return times
+        train.train_step(staged, [views], optimizer, scaler, params, ('loss',), 3.0, dtype)
+        marks.append(timer())
+    stages = np.diff(np.reshape(marks, (steps, 6)), axis=1).sum(0)  # [5] seconds
+    names = ('tokenizer encode', 'generator fwd+bwd', 'sample + decode', 'enhancer fwd+bwd', 'optimizer')
+    print('CIM step time split (synchronized stages): ' +
+          ', '.join(f'{k} {100 * v / stages.sum():.1f}%' for k, v in zip(names, stages)))
 
 
-def all_positions_cost(model, B, device, autocast, step_seconds, steps):
+def all_positions_cost(model, B, device, dtype, step_seconds, steps):
     """The generator head, MIM loss and softmax sampling on all N positions (what cim.py does) against the k_max
     masked ones only (the gather it saves), on the same random features. Prints the difference as a share of the
     CIM step."""
     gen = model.generator
-    V = gen.head.out_features
-    seconds = {}
+    seconds = []
     for n in (model.num_patches, model.k_max):
         x = torch.randn(B, n, gen.head.in_features, device=device, requires_grad=True)
-        golden = torch.randint(V, (B, n), device=device)
+        golden = torch.randint(gen.head.out_features, (B, n), device=device)
         mask = torch.ones(B, n, dtype=torch.bool, device=device)
-        for i in range(steps + 1):  # the first is a warm-up
-            sync(device)
-            t0 = time.perf_counter()
-            with autocast():
+
+        def head_loss_sample():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = gen.head(gen.norm(x))
                 loss = cim.mim_loss(logits, golden, mask)[0]
             loss.backward()
             cim.sample_tokens(logits.detach())
-            sync(device)
-            if i:
-                seconds[n] = seconds.get(n, 0.0) + (time.perf_counter() - t0) / steps
-        gen.zero_grad(set_to_none=True)
-    extra = seconds[model.num_patches] - seconds[model.k_max]
-    print(f'generator head + MIM loss + sampling on all {model.num_patches} positions: '
-          f'{seconds[model.num_patches] * 1e3:.1f} ms, on the {model.k_max} masked at most: '
-          f'{seconds[model.k_max] * 1e3:.1f} ms; predicting all positions costs {100 * extra / step_seconds:.1f}% '
-          f'of the CIM step')
+        head_loss_sample()  # warm-up
+        seconds.append(seconds_per_call(head_loss_sample, steps))
+    full, masked = seconds
+    print(f'generator head + MIM loss + sampling on all {model.num_patches} positions: {full * 1e3:.1f} ms, on the '
+          f'{model.k_max} masked at most: {masked * 1e3:.1f} ms; predicting all positions costs '
+          f'{100 * (full - masked) / step_seconds:.1f}% of the CIM step')
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -308,20 +254,15 @@ def benchmark_loader(args, tok_size, step_imgs_per_s):
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.loader_images):
             w = int(rng.integers(400, 600))
-            h = int(rng.integers(300, 450))
-            yy, xx = np.mgrid[0:h, 0:w]
-            base = np.stack([np.sin(xx / rng.uniform(20, 80) + c) * np.cos(yy / rng.uniform(20, 80)) for c in range(3)],
-                            axis=-1)
+            y, x = np.mgrid[0:int(rng.integers(300, 450)), 0:w]
+            base = np.dstack([np.sin(x / rng.uniform(20, 80) + c) * np.cos(y / rng.uniform(20, 80)) for c in range(3)])
             px = np.clip(127 + 100 * base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
             Image.fromarray(px).save(os.path.join(d, f'{i:04d}.jpg'), quality=90)
-        grid = args.img_size // args.patch_size
-        transform = train.TwoViews(args.img_size, tok_size, 0.08)
-        dataset = engine.SeededDataset(engine.ImageFiles(d, transform))
+        dataset = engine.SeededDataset(engine.ImageFiles(d, train.TwoViews(args.img_size, tok_size, 0.08)))
         dataset[0]  # warm-up
-        t0 = time.perf_counter()
-        for i in range(len(dataset)):
-            dataset[i]
-        per_worker = len(dataset) / (time.perf_counter() - t0)
+        items = iter(range(len(dataset)))
+        per_worker = 1 / seconds_per_call(lambda: dataset[next(items)], len(dataset))
+    grid = args.img_size // args.patch_size
     print(f'data loader: {per_worker:.1f} img/s per worker process (JPEG decode + flip + RandomResizedCrop to '
           f'{args.img_size} px bicubic and {tok_size} px Lanczos; {grid}x{grid} tokens)')
     if step_imgs_per_s:
