@@ -67,8 +67,7 @@ R50_100 = dict(epochs=100, warmup_epochs=5, batch_size=256, ref_batch=2048, blr=
                test_img_size=224, crop_ratio=0.95, min_crop_scale=0.08, num_workers=10, log_every=50,
                save_every_steps=1000)
 R50_300 = dict(R50_100, epochs=300, img_size=224, randaug=7, smoothing=0.0, repeated_aug=3)  # Table 11, column 300
-R50_600 = dict(R50_100, epochs=600, weight_decay=0.01, img_size=224, randaug=7, mixup=0.2, repeated_aug=3,
-               drop_path=0.05)  # Table 11, column 600
+R50_600 = dict(R50_300, epochs=600, weight_decay=0.01, smoothing=0.1, mixup=0.2, drop_path=0.05)  # Table 11, column 600
 RESNET = {100: R50_100, 300: R50_300, 600: R50_600}
 # --linear-probe (MAE's; the paper is silent): 90 epochs, 10 warmup, batch 16384, base lr 0.1 per 256 images (6.4 at
 # 16384) down to 0, no weight decay, crop + flip only, test crop ratio 0.875. SGD + momentum stands in for LARS.
@@ -94,18 +93,15 @@ def get_args_parser():
     recipes = {'Table 10 ViT-B': VIT_B, 'ViT-B from REVDET': dict(blr=VIT_B_REVDET['blr']),
                'ViT-S/Ti': dict(epochs=VIT_S['epochs']), 'Table 11 R50 100/300/600': r50, 'probe (MAE)': PROBE,
                'kNN (DINO)': KNN, 'demo': dict(DEMO, lr=f"{DEMO['lr']}, probe {DEMO_PROBE['lr']}")}
-    p = engine.ArgumentParser(
-        description='Fine-tuning, linear probing and kNN of CIM-pre-trained backbones (Fang et al., ICLR 2023). '
-                    "A flag left unset takes its recipe's value (the demo's first, then Table 10 for a ViT, Table 11 "
-                    'for ResNet-50, MAE for --linear-probe, DINO for --knn); an explicit flag always wins.',
-        recipes=recipes)
-    g = p.add_argument_group('model and mode')
+    p = engine.ArgumentParser(recipes=recipes, description="Fine-tuning, linear probing and kNN of CIM backbones. An "
+                              "unset flag takes the demo's value, else its recipe's; an explicit flag always wins.")
+    g = p.add_argument_group('data, model and mode')
+    g.add_argument('--data', metavar='DIR', help='train/<class>/* and val/<class>/*; none: the Fashion-MNIST demo')
+    g.add_argument('--subset', type=engine.POSITIVE, help='this many training images, drawn at random (seeded)')
     g.add_argument('--arch', choices=cim.ARCHS, help="default: the --init train.py checkpoint's, else vit_base")
     g.add_argument('--init', metavar='PATH', help="pre-trained weights (train.py checkpoint or --export, torchvision / "
-                                                  "timm state dict) or 'none' (random init); required with --data; "
-                                                  "demo: out/demo/checkpoint-last.pth")
-    g.add_argument('--recipe', type=int, choices=sorted(RESNET), help='resnet50: the Table 11 column (fine-tuning '
-                                                                      'epochs); default 300')
+                   "timm state dict) or 'none' (random init); required with --data; demo: " + engine.DEMO_CHECKPOINT)
+    g.add_argument('--recipe', type=int, choices=sorted(RESNET), help='resnet50: Table 11 column (epochs); default 300')
     g.add_argument('--patch-size', type=engine.POSITIVE, help='ViT patch size')
     g.add_argument('--linear-probe', action='store_true', help='frozen backbone, BatchNorm1d + linear (MAE)')
     g.add_argument('--knn', action='store_true', help='evaluation only: kNN top-1 of the pooled features')
@@ -113,8 +109,7 @@ def get_args_parser():
     g.add_argument('--knn-t', type=float, help='kNN: vote temperature')
     g = p.add_argument_group('optimization')
     g.add_argument('--epochs', type=engine.POSITIVE, help='fine-tuning epochs')
-    g.add_argument('--max-steps', type=engine.POSITIVE, help='train this many optimizer steps instead of --epochs '
-                                                             'epochs (the warmup keeps its share of the schedule)')
+    g.add_argument('--max-steps', type=engine.POSITIVE, help='optimizer steps, not --epochs (warmup: its share)')
     g.add_argument('--warmup-epochs', type=engine.NON_NEGATIVE, help='linear lr warmup, then cosine decay')
     g.add_argument('--batch-size', type=engine.POSITIVE, help='per GPU (process)')
     g.add_argument('--accum-iter', type=engine.POSITIVE, default=1, help='gradient accumulation steps')
@@ -140,14 +135,8 @@ def get_args_parser():
     g.add_argument('--repeated-aug', type=engine.POSITIVE, help='copies per image (Berman et al. 2019); 1: off')
     g.add_argument('--img-size', type=engine.POSITIVE, help='training resolution')
     g.add_argument('--test-img-size', type=engine.POSITIVE, help='evaluation resolution (a ViT: equal to --img-size)')
-    g.add_argument('--crop-ratio', type=engine.FRACTION, help='evaluation: resize to test-img-size / ratio, '
-                                                              'center crop')
+    g.add_argument('--crop-ratio', type=engine.FRACTION, help='evaluation: resize to test-img-size / ratio, crop')
     g.add_argument('--min-crop-scale', type=engine.FRACTION, help='RandomResizedCrop scale (min, 1)')
-    g = p.add_argument_group('data')
-    g.add_argument('--data', metavar='DIR', help='folder with train/<class>/* and val/<class>/*; none: the built-in '
-                                                 'Fashion-MNIST demo')
-    g.add_argument('--subset', type=engine.POSITIVE, help='use this many training images, drawn at random (seeded) '
-                                                          'across the classes; default: all')
     engine.add_common_args(p, 'default: out/ft_<arch>, out/probe_<arch>, out/knn_<arch>; demo: out/demo_ft')
     return p
 
@@ -163,21 +152,18 @@ def main(argv=None):
     check_args(args)
     if engine.is_main():
         if demo:
-            print(f'no --data: running the built-in demo on Fashion-MNIST (28 px gray -> 32 px RGB), {args.init} '
-                  f'next to random init')
+            print(f'no --data: the built-in Fashion-MNIST demo (28 px gray -> 32 px RGB), {args.init} vs random init')
         print(f'recipe: {engine.flags(taken)}')
     if not demo:
         return run(args, rank, device)
-    # the demo: the pre-trained checkpoint, then random init on the same schedule, side by side
-    runs = {'pre-trained': (args.init, 'pretrained'), 'random init': ('none', 'scratch')}
+    # the demo: the pre-trained checkpoint, then random init on the same schedule, side by side (--init none: one)
     results = {}
-    for name, (init, sub) in runs.items():
-        if args.init != 'none' or init == 'none':
-            results[name] = run(argparse.Namespace(**dict(vars(args), init=init, output_dir=os.path.join(
-                args.output_dir, sub))), rank, device)
+    for name, init, sub in (('pre-trained', args.init, 'pretrained'), ('random init', 'none', 'scratch')):
+        if init != 'none' or name == 'random init':
+            run_args = argparse.Namespace(**dict(vars(args), init=init, output_dir=os.path.join(args.output_dir, sub)))
+            results[name] = run(run_args, rank, device)
     if engine.is_main():
-        key = 'knn_acc1' if args.knn else 'acc1'
-        how = 'kNN' if args.knn else f'{args.epochs} epochs'
+        key, how = ('knn_acc1', 'kNN') if args.knn else ('acc1', f'{args.epochs} epochs')
         print(f"Fashion-MNIST test top-1, {args.arch}, {how} on {results['random init']['n_train']} training images: "
               + '  vs  '.join(f'{name} {r[key]:.2f}%' for name, r in results.items()))
     return results
@@ -195,22 +181,17 @@ def run(args, rank, device):
                                              sampler=engine.ShardSampler(len(val_set), args.world_size, rank),
                                              pin_memory=device.type == 'cuda')
     # clean training images in one seeded order on every rank: the BN statistics of frozen features (docstring)
-    bn_loader = torch.utils.data.DataLoader(clean_train_set, args.batch_size, shuffle=True,
-                                            num_workers=args.num_workers,
-                                            generator=torch.Generator().manual_seed(args.seed))
+    bn_loader = torch.utils.data.DataLoader(clean_train_set, args.batch_size, num_workers=args.num_workers,
+                                            shuffle=True, generator=torch.Generator().manual_seed(args.seed))
     torch.manual_seed(args.seed)
     model = build_model(args, device)  # --init loaded: weights that do not fit fail here, before any folder exists
     if args.knn:
         return knn(model, clean_train_set, val_loader, bn_loader, args, rank, device, dtype)
 
-    # training data: a seeded view per (epoch, index) for exact resume; repeated augmentation for R50 300 / 600
-    if args.repeated_aug > 1:
-        dataset = engine.SeededDataset(Repeated(train_set, args.repeated_aug), args.seed)
-        sampler = RepeatAugSampler(len(train_set), args.batch_size, args.world_size, rank, args.repeated_aug,
-                                   args.seed)
-    else:
-        dataset = engine.SeededDataset(train_set, args.seed)
-        sampler = engine.ResumableSampler(dataset, args.batch_size, args.world_size, rank, seed=args.seed)
+    # training data: a seeded view per (epoch, index) for exact resume. Item r * N + i is copy r of image i, with a
+    # seed of its own (repeated augmentation: R50 300 / 600; one copy: a plain shuffled epoch)
+    dataset = engine.SeededDataset(torch.utils.data.ConcatDataset([train_set] * args.repeated_aug), args.seed)
+    sampler = RepeatAugSampler(len(train_set), args.batch_size, args.world_size, rank, args.repeated_aug, args.seed)
     loader, steps_per_epoch = engine.train_loader(dataset, sampler, args.batch_size, args.accum_iter,
                                                   args.num_workers, args.seed, device)
 
@@ -222,8 +203,7 @@ def run(args, rank, device):
     lrs = engine.cosine_schedule(peak_lr, args.min_lr, total_steps, warmup_steps)
     n_epochs = -(-total_steps // steps_per_epoch)
     mixer = make_mixer(args.mixup, args.cutmix, args.num_classes)
-    criterion = LOSSES[args.loss]
-    channels_last = args.arch == 'resnet50'
+    resnet = args.arch == 'resnet50'
     if args.linear_probe:
         engine.recompute_bn_stats(model.backbone, bn_loader, device, dtype)  # the BN protocol (docstring)
     optimizer = build_optimizer(model, args, peak_lr)
@@ -244,39 +224,33 @@ def run(args, rank, device):
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     what = 'linear probe' if args.linear_probe else 'fine-tuning'
     if engine.is_main():
-        bn = ', BN statistics of the frozen backbone re-estimated' if args.linear_probe and channels_last else ''
+        bn = ', BN statistics of the frozen backbone re-estimated' if args.linear_probe and resnet else ''
         print(f'{what} {args.arch} from {args.init}: {len(train_set)} training / {len(val_set)} val images, '
-              f'{args.num_classes} classes, {steps_per_epoch} steps/epoch, {total_steps} steps, total batch '
-              f'{total_batch} ({args.world_size} x {args.batch_size} x {args.accum_iter}), peak lr {peak_lr:.2e}, '
-              f'amp {dtype or "off"}{bn}, output {args.output_dir}')
+              f'{args.num_classes} classes, {total_steps} steps ({steps_per_epoch} per epoch), batch {total_batch} = '
+              f'{args.world_size} x {args.batch_size} x {args.accum_iter}, lr {peak_lr:.2e}, amp {dtype or "off"}{bn}')
 
     # ---- the loop: one optimizer step per iteration; logs every --log-every steps; validation each epoch ---------
     params = [p for p in raw_model.parameters() if p.requires_grad]
     tally = engine.Tally(('loss',), total_batch, device)  # the log interval's sums, on the device
     batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
     pbar = engine.progress(total=total_steps, initial=start_step, desc=what)
-    t_epoch = time.time()
-    epoch_start = start_step
     model.train()
     for step in range(start_step, total_steps):
         for g in optimizer.param_groups:
             g['lr'] = lrs[step] * g['lr_scale']  # warmup + cosine, times the group's layer decay (Table 10)
-        micro_batches = []
-        n_bad = 0
-        for _ in range(args.accum_iter):
-            imgs, labels, skipped_files = next(batches)
-            micro_batches.append((imgs.to(device, non_blocking=True), labels.to(device, non_blocking=True)))
-            n_bad = n_bad + skipped_files
-        loss, norm = finetune_step(model, micro_batches, optimizer, scaler, params, criterion, mixer, args, dtype)
-        tally.add(loss.view(1), norm, n_bad)  # no host sync: the step's numbers stay on the device until the log
+        host = [next(batches) for _ in range(args.accum_iter)]  # (imgs, labels, n_bad) per micro-batch
+        micro_batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y, _ in host]
+        loss, norm = finetune_step(model, micro_batches, optimizer, scaler, params, LOSSES[args.loss], mixer, args,
+                                   dtype)
+        tally.add(loss.view(1), norm, sum(n_bad for _, _, n_bad in host))  # no host sync: on the device until the log
         pbar.update()
 
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
         saving = end_of_epoch or (args.save_every_steps and done % args.save_every_steps == 0)
         if done % args.log_every == 0 or saving:  # a checkpoint closes the interval, so a resume starts a new one
-            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step],
-                          **tally.close(log))  # the host sync
+            # the host sync
+            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step], **tally.close(log))
             if engine.is_main():
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
                 pbar.write(f"step {done}/{total_steps}: loss {record['loss']:.4f}, grad norm "
@@ -284,35 +258,23 @@ def run(args, rank, device):
             tally.check(args.max_bad_steps, done, args.output_dir)  # after the log line
         if end_of_epoch:  # validate before the save: a resumed run does not redo it
             epoch = -(-done // steps_per_epoch)
-            imgs_per_s = (done - epoch_start) * total_batch / (time.time() - t_epoch)
-            m = validate(raw_model, val_loader, device, dtype, channels_last)
+            m = validate(raw_model, val_loader, device, dtype)
             log['last'] = dict(epoch=epoch, step=done, **m)
-            best = m['acc1'] > log['best_acc1']
-            if best:
-                log['best_acc1'] = m['acc1']
-                log['best_epoch'] = epoch
-        if saving:
-            engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done)
-        if end_of_epoch:
-            if engine.is_main():
-                if best:
+            if m['acc1'] > log['best_acc1']:
+                log.update(best_acc1=m['acc1'], best_epoch=epoch)
+                if engine.is_main():
                     engine.atomic_save(dict(model=raw_model.state_dict(), args=vars(args), **log['last']),
                                        os.path.join(args.output_dir, 'checkpoint-best.pth'))
+            if engine.is_main():
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), log['last'])
                 pbar.write(f"epoch {epoch}/{n_epochs}: val top-1 {m['acc1']:.2f}%  top-5 {m['acc5']:.2f}%  loss "
-                           f"{m['val_loss']:.4f}  (best top-1 {log['best_acc1']:.2f}% at epoch "
-                           f"{log['best_epoch']}), {imgs_per_s:.1f} img/s, {(time.time() - t_epoch) / 60:.1f} min")
+                           f"{m['val_loss']:.4f}  (best top-1 {log['best_acc1']:.2f}% at epoch {log['best_epoch']})")
             model.train()
-            epoch_start = done
-            t_epoch = time.time()
-            tally.t0 = t_epoch  # img/s of the training steps alone, without the validation
-    pbar.close()
-    last = log['last']
-    if engine.is_main():
-        print(f"done: {args.arch} {what} from {args.init}, last top-1 {last['acc1']:.2f}% top-5 {last['acc5']:.2f}% "
-              f"(epoch {last['epoch']}), best top-1 {log['best_acc1']:.2f}% (epoch {log['best_epoch']}); "
-              f"{args.output_dir}/checkpoint-best.pth, {engine.CHECKPOINT}, log.jsonl")
-    return dict(last, best_acc1=log['best_acc1'], best_epoch=log['best_epoch'], n_train=len(train_set))
+            tally.t0 = time.time()  # img/s of the training steps alone, without the validation
+        if saving:
+            engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done)
+    pbar.close()  # the last epoch's line has the last and the best accuracy
+    return dict(log['last'], best_acc1=log['best_acc1'], best_epoch=log['best_epoch'], n_train=len(train_set))
 
 
 def finetune_step(model, micro_batches, optimizer, scaler, params, criterion, mixer, args, dtype):
@@ -320,18 +282,18 @@ def finetune_step(model, micro_batches, optimizer, scaler, params, criterion, mi
     the global grad norm [0-dim] fp64, inf / NaN when the step was skipped), on the device, no host sync.
 
     micro_batches: (imgs [B, 3, S, S], labels [B]) per micro-batch, on the device; model: the network or its DDP
-    wrapper. Mixup / CutMix and label smoothing make the targets; gradients are all-reduced on the last only."""
+    wrapper; criterion: a LOSSES entry. Mixup / CutMix and label smoothing make the targets; gradients are
+    all-reduced on the last micro-batch only."""
     ddp = isinstance(model, DistributedDataParallel)
     step_loss = 0.0
+    # ResNet-50: no input conversion to channels_last here: ATen's convolution computes in channels_last whenever its
+    # weight is (cim.build_enhancer's), copying an NCHW input with .contiguous(channels_last) itself: the same kernel
     for i, (imgs, labels) in enumerate(micro_batches):
-        if args.arch == 'resnet50':
-            imgs = imgs.contiguous(memory_format=torch.channels_last)  # the layout cuDNN is fastest in
         imgs, targets = mix_targets(imgs, labels, mixer, args.num_classes, args.smoothing)
-        last = i == len(micro_batches) - 1
-        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+        with model.no_sync() if ddp and i < len(micro_batches) - 1 else contextlib.nullcontext():
             with torch.autocast(imgs.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(imgs)
-            loss = criterion(logits, targets)  # fp32: the criteria cast the logits
+            loss = criterion(logits.float(), targets)  # in fp32, outside autocast
             scaler.scale(loss / len(micro_batches)).backward()  # fp16: scaled against underflow
         step_loss = step_loss + loss.detach() / len(micro_batches)
     scaler.unscale_(optimizer)  # true gradients for the norm and the clip; finds inf / NaN
@@ -365,10 +327,8 @@ def settle_args(args, demo, meta):
         apply(KNN if args.knn else PROBE)
     elif args.arch == 'resnet50':
         apply(RESNET[args.recipe or 300])
-    elif args.arch == 'vit_base':
-        apply(VIT_B_REVDET if meta.get('task') == 'revdet' else VIT_B)  # Table 10's lr depends on the task
-    else:
-        apply(VIT_S)
+    else:  # Table 10: ViT-B's lr depends on the pre-training task; ViT-S (and Ti) train longer
+        apply(VIT_S if args.arch != 'vit_base' else VIT_B_REVDET if meta.get('task') == 'revdet' else VIT_B)
     return taken
 
 
@@ -377,17 +337,13 @@ def check_args(args):
     if args.knn and args.linear_probe:
         raise engine.UserError('--knn and --linear-probe are separate modes; pick one')
     if args.recipe is not None and (args.arch != 'resnet50' or args.knn or args.linear_probe):
-        raise engine.UserError(f'--recipe selects a Table 11 column for resnet50 fine-tuning; {args.arch} '
-                               f"{'uses Table 10' if args.arch != 'resnet50' else 'has no column for kNN or a probe'}")
-    vit = args.arch in cim.VIT_CONFIGS
-    if vit and args.test_img_size % args.patch_size:
-        raise engine.UserError(f'--test-img-size {args.test_img_size} is not divisible by --patch-size '
-                               f'{args.patch_size}')
+        raise engine.UserError('--recipe selects a Table 11 column: resnet50 fine-tuning only (a ViT uses Table 10)')
+    if args.arch in cim.VIT_CONFIGS and args.test_img_size % args.patch_size:
+        raise engine.UserError(f'--patch-size {args.patch_size} must divide --test-img-size {args.test_img_size}')
     if not args.knn and not args.warmup_epochs <= args.epochs:
         raise engine.UserError(f'--warmup-epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}')
-    if not args.knn and vit and args.test_img_size != args.img_size:
-        raise engine.UserError(f'a ViT has position embeddings for one resolution: --test-img-size '
-                               f'{args.test_img_size} must equal --img-size {args.img_size}')
+    if not args.knn and args.arch in cim.VIT_CONFIGS and args.test_img_size != args.img_size:
+        raise engine.UserError(f'--test-img-size must equal --img-size {args.img_size} (a ViT: position embeddings)')
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -399,8 +355,7 @@ class RandAugment(v2.RandAugment):
     [0, 10] (timm draws per op). Severity increases with M for every op, as timm's 'inc1'."""
 
     def __init__(self, num_ops, magnitude, mstd, fill):
-        super().__init__(num_ops=num_ops, magnitude=0, num_magnitude_bins=101, fill=fill,
-                         interpolation=InterpolationMode.BICUBIC)
+        super().__init__(num_ops=num_ops, num_magnitude_bins=101, fill=fill, interpolation=InterpolationMode.BICUBIC)
         self.mean_magnitude = magnitude
         self.mstd = mstd
 
@@ -441,11 +396,9 @@ def build_data(args, demo):
     train_tf = val_tf if args.knn else train_transform(args.img_size, args.min_crop_scale, args.randaug,
                                                        args.randaug_ops, args.randaug_mstd, args.reprob)
     if demo:
-        images, labels = engine.fashion_mnist(train=True)
-        test_images, test_labels = engine.fashion_mnist(train=False)
-        train = engine.TensorImages(images, labels, train_tf, pad=2)
-        val = engine.TensorImages(test_images[:DEMO_TEST_IMAGES], test_labels[:DEMO_TEST_IMAGES], val_tf, pad=2)
-        classes = list(engine.FASHION_MNIST_CLASSES)
+        train = engine.TensorImages(*engine.fashion_mnist(train=True), train_tf, pad=2)
+        val = engine.TensorImages(*(t[:DEMO_TEST_IMAGES] for t in engine.fashion_mnist(train=False)), val_tf, pad=2)
+        classes = engine.FASHION_MNIST_CLASSES
     else:
         train, val, classes = image_folders(args.data, train_tf, val_tf)
     clean = copy.copy(train)  # the same files, the evaluation view
@@ -454,75 +407,44 @@ def build_data(args, demo):
 
 
 def image_folders(root, train_tf, val_tf):
-    """root/train and root/val ImageFolders with the same classes -> (train, val, class names)."""
-    for split in ('train', 'val'):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise engine.UserError(f"'{os.path.join(root, split)}' does not exist: --data must hold train/<class>/"
-                                   f"<image> and val/<class>/<image> (the ImageNet layout)")
-    train = engine.ImageFiles(os.path.join(root, 'train'), train_tf)
-    val = engine.ImageFiles(os.path.join(root, 'val'), val_tf)
-    for split, ds in (('train', train), ('val', val)):
+    """root/train and root/val ImageFolders with the same classes -> (train, val, class names). Both folders are
+    checked before either is listed (listing ImageNet's train/ takes a while)."""
+    paths = [os.path.join(root, split) for split in ('train', 'val')]
+    for path in paths:
+        if not os.path.isdir(path):
+            raise engine.UserError(f"'{path}' does not exist: --data must hold train/<class>/* and val/<class>/*")
+    train = engine.ImageFiles(paths[0], train_tf)
+    val = engine.ImageFiles(paths[1], val_tf)
+    for path, ds in zip(paths, (train, val)):
         if not ds.classes:
-            raise engine.UserError(f"'{os.path.join(root, split)}' holds images but no class folders: sort them into "
-                                   f"{split}/<class>/ (for ImageNet val, e.g. with the usual valprep.sh)")
+            raise engine.UserError(f"'{path}' holds images but no class folders (ImageNet val: see valprep.sh)")
     if train.classes != val.classes:
-        extra = sorted(set(train.classes) ^ set(val.classes))
-        raise engine.UserError(f"train/ and val/ under '{root}' have different class folders ({len(train.classes)} "
-                               f"vs {len(val.classes)}; e.g. {', '.join(extra[:3])})")
+        raise engine.UserError(f"train/ and val/ under '{root}' have different class folders")
     return train, val, train.classes
 
 
-class Repeated(torch.utils.data.Dataset):
-    """`repeats` copies of a dataset: item r * N + i is item i (so each copy gets its own SeededDataset seed)."""
-
-    def __init__(self, dataset, repeats):
-        self.dataset = dataset
-        self.repeats = repeats
-
-    def __len__(self):
-        return len(self.dataset) * self.repeats
-
-    def __getitem__(self, j):
-        return self.dataset[j % len(self.dataset)]
-
-
-class RepeatAugSampler(torch.utils.data.Sampler):
+class RepeatAugSampler(engine.ResumableSampler):
     """Repeated augmentation (Hoffer et al. 2020; Berman et al. 2019; DeiT's RASampler), resumable.
 
     Each epoch draws num_images // repeats images (rounded down to a multiple of the number of ranks), so an epoch
     keeps about the dataset's length, as in DeiT / timm. Each image appears `repeats` times, as indices into
-    Repeated(dataset, repeats) (copy r of image i is r * N + i); consecutive copies go to consecutive ranks, so the
-    copies land on different ranks in the same step (when repeats <= ranks) and every rank gets the same count.
-    set_epoch(epoch, start_batch) as engine.ResumableSampler.
+    `repeats` concatenated copies of the dataset (copy r of image i is r * N + i); consecutive copies go to
+    consecutive ranks, so the copies land on different ranks in the same step (when repeats <= ranks) and every rank
+    gets the same count. repeats = 1 is engine.ResumableSampler's order exactly (the same seeded permutation, cut
+    to a multiple of the ranks, rank r taking every W-th index). set_epoch(epoch, start_batch), len(): inherited.
     """
 
     def __init__(self, num_images, batch_size, num_replicas=1, rank=0, repeats=3, seed=0):
-        self.n = num_images
-        self.batch_size = batch_size
-        self.num_replicas = num_replicas
-        self.rank = rank
+        super().__init__(range(num_images * repeats), batch_size, num_replicas, rank, seed=seed)
         self.repeats = repeats
-        self.seed = seed
-        self.epoch = 0
-        self.start_batch = 0
         self.num_unique = num_images // repeats // num_replicas * num_replicas
-        self.num_samples = self.num_unique * repeats // num_replicas  # per rank
-        if self.num_samples == 0:
-            raise engine.UserError(f'{num_images} images are too few for repeated augmentation x{repeats} on '
-                                   f'{num_replicas} processes')
-
-    def set_epoch(self, epoch, start_batch=0):
-        self.epoch = epoch
-        self.start_batch = start_batch
+        self.num_samples = self.num_unique * repeats // num_replicas  # per rank (engine.train_loader: too few)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        images = torch.randperm(self.n, generator=g)[:self.num_unique]
-        copies = images.repeat_interleave(self.repeats) + torch.arange(self.repeats).repeat(self.num_unique) * self.n
+        n = len(self.dataset) // self.repeats
+        images = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))[:self.num_unique]
+        copies = images.repeat_interleave(self.repeats) + torch.arange(self.repeats).repeat(self.num_unique) * n
         return iter(copies[self.rank::self.num_replicas][self.start_batch * self.batch_size:].tolist())
-
-    def __len__(self):
-        return self.num_samples - self.start_batch * self.batch_size
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -530,11 +452,10 @@ class RepeatAugSampler(torch.utils.data.Sampler):
 
 def build_model(args, device):
     """The network of this mode, with --init loaded: a classifier (fine-tuning), a LinearProbe, or the bare backbone
-    (kNN, at the evaluation resolution). Weights that do not fit raise a one-line UserError."""
-    if args.knn:
+    (kNN). Weights that do not fit raise a one-line UserError. The frozen backbone is built at the evaluation
+    resolution (a probe's ViT: equal to the training one, check_args)."""
+    if args.knn or args.linear_probe:
         model = cim.build_enhancer(args.arch, args.test_img_size, args.patch_size)
-    elif args.linear_probe:
-        model = cim.build_enhancer(args.arch, args.img_size, args.patch_size)
     else:
         model = build_classifier(args.arch, args.num_classes, args.img_size, args.patch_size, args.drop_path)
     if args.init != 'none':
@@ -578,8 +499,8 @@ def build_classifier(arch, num_classes, img_size=224, patch_size=16, drop_path=0
 
 class LinearProbe(nn.Module):
     """MAE's linear probe: the frozen backbone's pooled features (cim.pooled_features, [B, D]) -> BatchNorm1d without
-    affine parameters (it only standardizes the features) -> Linear -> [B, num_classes]. The backbone stays in eval
-    mode, without gradients."""
+    affine parameters (it only standardizes the features) -> Linear -> [B, num_classes]. The backbone runs in eval
+    mode (set at each call, so that model.train() never reaches its BatchNorm), without gradients."""
 
     def __init__(self, backbone, num_classes):
         super().__init__()
@@ -589,15 +510,10 @@ class LinearProbe(nn.Module):
         nn.init.trunc_normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
 
-    def train(self, mode=True):
-        super().train(mode)
-        self.backbone.eval()
-        return self
-
     def forward(self, imgs):
         """imgs: [B, 3, H, W] -> [B, num_classes]."""
         with torch.no_grad():
-            feats = cim.pooled_features(self.backbone, imgs)
+            feats = cim.pooled_features(self.backbone.eval(), imgs)
         return self.head(feats)
 
 
@@ -626,40 +542,25 @@ def mix_targets(imgs, labels, mixer, num_classes, smoothing=0.0):
     return imgs, targets.float() * (1 - smoothing) + smoothing / num_classes
 
 
-def soft_cross_entropy(logits, targets):
-    """Cross-entropy with soft targets (Table 10), mean over the batch. logits, targets: [B, C] -> []."""
-    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
-
-
-def binary_cross_entropy(logits, targets):
-    """RSB's loss (Table 11): every class an independent sigmoid against its (mixed, smoothed) target weight, mean
-    over the B x C entries (timm's BinaryCrossEntropy). logits, targets: [B, C] -> []."""
-    return F.binary_cross_entropy_with_logits(logits.float(), targets)
-
-
-LOSSES = {'ce': soft_cross_entropy, 'bce': binary_cross_entropy}
+# (logits [B, C] fp32, targets [B, C] rows of class weights) -> mean loss []. 'ce': cross-entropy against the soft
+# (mixed, smoothed) targets, mean over the batch (Table 10; torch's F.cross_entropy takes class probabilities).
+# 'bce': RSB's (Table 11), every class an independent sigmoid against its target weight, mean over the B x C entries
+# (timm's BinaryCrossEntropy).
+LOSSES = {'ce': F.cross_entropy, 'bce': F.binary_cross_entropy_with_logits}
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Evaluation: top-1 / top-5 on the validation set, kNN; checkpoints
+# Evaluation: top-1 / top-5 on the validation set, kNN
 
-def classification_sums(model, channels_last=False):
-    """fn(imgs [B, 3, H, W], labels [B]) for engine.evaluate(): per-batch counts of top-1 / top-5 hits, images, and
-    the CE loss sum."""
-    def fn(imgs, labels):
-        if channels_last:
-            imgs = imgs.contiguous(memory_format=torch.channels_last)
+def validate(model, loader, device, dtype):
+    """Top-1 / top-5 accuracy (%) and CE loss on the whole validation set (all ranks) -> dict; leaves eval mode."""
+    def sums(imgs, labels):  # per batch: top-1 / top-5 hits, images, CE loss sum (engine.evaluate adds them up)
         logits = model(imgs).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-        return dict(n=torch.ones_like(labels).sum(), top1=top[:, 0].sum(), top5=top.any(1).sum(),
+        return dict(n=len(labels), top1=top[:, 0].sum(), top5=top.any(1).sum(),
                     loss=F.cross_entropy(logits, labels, reduction='sum'))
-    return fn
-
-
-def validate(model, loader, device, dtype, channels_last=False):
-    """Top-1 / top-5 accuracy (%) and CE loss on the whole validation set (all ranks) -> dict; leaves eval mode."""
     model.eval()
-    s = engine.evaluate(classification_sums(model, channels_last), loader, device, dtype, desc='val')
+    s = engine.evaluate(sums, loader, device, dtype, desc='val')
     n = float(s['n'])
     return dict(acc1=100 * float(s['top1']) / n, acc5=100 * float(s['top5']) / n, val_loss=float(s['loss']) / n,
                 n_val=int(n))
@@ -670,43 +571,32 @@ def knn(backbone, train_set, val_loader, bn_loader, args, rank, device, dtype):
     training images as neighbours, BN statistics re-estimated on bn_loader first (docstring). Every rank embeds its
     shard of both sets, gathers all training features and classifies its validation shard; the counts are summed
     over ranks. -> dict(knn_acc1, n_train); logged to OUTPUT_DIR/log.jsonl."""
-    if engine.is_main():
-        bn = '; BN statistics re-estimated on clean training images first' if args.arch == 'resnet50' else ''
-        print(f'kNN (k={args.knn_k}, T={args.knn_t}) of {args.arch} from {args.init}: {len(train_set)} training images '
-              f'as neighbours, {len(val_loader.dataset)} val images{bn}')
     train_loader = torch.utils.data.DataLoader(train_set, args.batch_size, num_workers=args.num_workers,
                                                sampler=engine.ShardSampler(len(train_set), args.world_size, rank))
     engine.recompute_bn_stats(backbone, bn_loader, device, dtype)
     feats = functools.partial(cim.pooled_features, backbone)
     train_feats, train_labels = engine.extract_features(feats, train_loader, device, dtype)
     val_feats, val_labels = engine.extract_features(feats, val_loader, device, dtype)
-    train_feats = all_gather_rows(train_feats.to(device))
-    train_labels = all_gather_rows(train_labels.to(device))
-    acc = engine.knn_accuracy(train_feats, train_labels, val_feats.to(device), val_labels.to(device), k=args.knn_k,
+    if dist.is_initialized():  # every rank's training features: the shards padded to the largest, gathered, trimmed
+        rows = -(-len(train_set) // args.world_size)  # engine.ShardSampler's shards differ by one image at most
+        gathered = torch.empty(args.world_size * rows, train_feats.shape[1], device=device)
+        labels = torch.empty(args.world_size * rows, dtype=torch.long, device=device)
+        dist.all_gather_into_tensor(gathered, F.pad(train_feats, (0, 0, 0, rows - len(train_feats))).to(device))
+        dist.all_gather_into_tensor(labels, F.pad(train_labels, (0, rows - len(train_labels)), value=-1).to(device))
+        train_feats = gathered[labels >= 0]  # padding rows: label -1
+        train_labels = labels[labels >= 0]
+    acc = engine.knn_accuracy(train_feats.to(device), train_labels, val_feats.to(device), val_labels, k=args.knn_k,
                               T=args.knn_t)
-    counts = engine.sum_over_ranks(torch.tensor([acc * len(val_feats), len(val_feats)], device=device,
-                                                dtype=torch.float64))
+    # [correct, images] of this rank's validation shard, summed over ranks
+    counts = engine.sum_over_ranks(torch.tensor([acc, 1.0], dtype=torch.float64, device=device) * len(val_feats))
     acc = 100 * float(counts[0] / counts[1])
     os.makedirs(args.output_dir, exist_ok=True)
     if engine.is_main():
-        print(f'kNN top-1 of {args.arch} from {args.init}: {acc:.2f}%')
+        bn = '; BN statistics re-estimated on clean training images first' if args.arch == 'resnet50' else ''
+        print(f'kNN (k={args.knn_k}, T={args.knn_t}) top-1 of {args.arch} from {args.init}: {acc:.2f}% '
+              f'({len(train_set)} training images as neighbours, {int(counts[1])} val images{bn})')
         engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), dict(knn_acc1=acc, init=args.init))
     return dict(knn_acc1=acc, n_train=len(train_set))
-
-
-def all_gather_rows(x):
-    """Rows of every rank, in rank order: x [n_r, ...] (n_r may differ) -> [sum of n_r, ...]; x without a group."""
-    if not dist.is_initialized():
-        return x
-    n = torch.tensor([len(x)], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = x.new_zeros((max(sizes), *x.shape[1:]))
-    padded[:len(x)] = x
-    out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
 
 
 SAME_ARGS = ('arch', 'linear_probe', 'num_classes', 'img_size', 'patch_size', 'subset', 'batch_size', 'accum_iter',

@@ -99,7 +99,7 @@ def test_no_mixing_gives_smoothed_one_hot_and_soft_ce_equals_torch_label_smoothi
     expected[torch.arange(4), labels] = 0.91
     assert torch.allclose(t, expected)
     logits = torch.randn(4, 10)
-    assert torch.allclose(ft.soft_cross_entropy(logits, t), F.cross_entropy(logits, labels, label_smoothing=0.1))
+    assert torch.allclose(ft.LOSSES['ce'](logits, t), F.cross_entropy(logits, labels, label_smoothing=0.1))
 
 
 def test_bce_targets_with_mixing_and_smoothing():
@@ -113,7 +113,7 @@ def test_bce_targets_with_mixing_and_smoothing():
     assert (t >= s / C - 1e-6).all() and (t <= 1 - s + s / C + 1e-6).all()
     assert ((t > s / C + 1e-6).sum(1) <= 2).all()
     logits = torch.randn(B, C, requires_grad=True)
-    loss = ft.binary_cross_entropy(logits, t)
+    loss = ft.LOSSES['bce'](logits, t)
     p = torch.sigmoid(logits.detach().double())
     manual = -(t * p.log() + (1 - t) * (1 - p).log()).mean()
     assert loss.item() == pytest.approx(manual.item(), rel=1e-5)
@@ -149,9 +149,18 @@ def test_repeat_aug_sampler_repeats_spreads_and_balances(world):
         samplers[0].set_epoch(epoch, start_batch=2)                        # resume: skips the consumed batches
         assert list(samplers[0]) == per_rank[0][2 * batch:] and len(samplers[0]) == len(per_rank[0]) - 2 * batch
     assert epochs[0] != epochs[1]
+    # one copy (no repeated augmentation): engine.ResumableSampler's order exactly, also when resumed mid-epoch
+    for rank in range(world):
+        one = ft.RepeatAugSampler(N, batch, world, rank, repeats=1, seed=3)
+        plain = engine.ResumableSampler(range(N), batch, world, rank, seed=3)
+        for epoch, start in ((0, 0), (1, 0), (1, 2)):
+            one.set_epoch(epoch, start)
+            plain.set_epoch(epoch, start)
+            assert list(one) == list(plain) and len(one) == len(plain) == len(list(plain))
 
 
 def test_repeated_copies_get_their_own_augmentation():
+    """finetune.run's training set: SeededDataset over concatenated copies (copy r of image i at r * N + i)."""
     class Noise(torch.utils.data.Dataset):
         def __len__(self):
             return 5
@@ -159,7 +168,7 @@ def test_repeated_copies_get_their_own_augmentation():
         def __getitem__(self, i):
             return torch.rand(1).item(), i
 
-    ds = engine.SeededDataset(ft.Repeated(Noise(), 3), seed=0)
+    ds = engine.SeededDataset(torch.utils.data.ConcatDataset([Noise()] * 3), seed=0)
     assert len(ds) == 15 and ds[7][1] == 2 and ds[12][1] == 2
     assert ds[2][0] != ds[7][0] != ds[12][0] and ds[7] == ds[7]
 
