@@ -279,7 +279,7 @@ def decode_tokens(tokenizer, tokens, grid, out_size, mean=IMAGENET_MEAN, std=IMA
     imgs = tokenizer.decode(tokens.view(-1, grid, grid))               # [B, 3, s, s] in [0, 1]
     if imgs.shape[-1] != out_size:
         imgs = F.interpolate(imgs, size=(out_size, out_size), mode='bilinear', align_corners=False)
-    m = torch.as_tensor(mean, device=imgs.device, dtype=imgs.dtype).view(1, 3, 1, 1)
+    m = torch.as_tensor(mean, device=imgs.device, dtype=imgs.dtype).view(1, 3, 1, 1)  # no copy for device buffers
     s = torch.as_tensor(std, device=imgs.device, dtype=imgs.dtype).view(1, 3, 1, 1)
     return (imgs - m) / s
 
@@ -418,12 +418,10 @@ class CIM(nn.Module):
                  temperature=1.0, target_norm='sliding', share_layers=True, enhancer_weight=None,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
         super().__init__()
-        for name, value, choices in (('task', task, TASKS), ('mask type', mask_type, MASK_TYPES),
-                                     ('sampling', sampling, SAMPLINGS), ('target norm', target_norm, TARGET_NORMS)):
-            if value not in choices:
-                raise ValueError(f"unknown {name} '{value}' (choose from {', '.join(choices)})")
-        if img_size % patch_size:
-            raise ValueError(f'image size {img_size} is not a multiple of the patch size {patch_size}')
+        # a caller's mistakes (train.py turns the user's into one-line errors first)
+        assert task in TASKS and mask_type in MASK_TYPES, (task, mask_type)
+        assert sampling in SAMPLINGS and target_norm in TARGET_NORMS, (sampling, target_norm)
+        assert img_size % patch_size == 0, f'image size {img_size} is not a multiple of the patch size {patch_size}'
         self.task = task
         self.img_size = img_size
         self.patch_size = patch_size
@@ -435,9 +433,8 @@ class CIM(nn.Module):
         self.sampling = sampling
         self.temperature = temperature
         self.target_norm = target_norm
-        self.enhancer_weight = enhancer_weight
-        if enhancer_weight is None:
-            self.enhancer_weight = 10.0 if task == 'respix' else 1.0  # Table 9
+        default_weight = 10.0 if task == 'respix' else 1.0  # Table 9
+        self.enhancer_weight = default_weight if enhancer_weight is None else enhancer_weight
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.register_buffer('pixel_mean', torch.tensor(mean), persistent=False)  # on the device, no copy per step
@@ -446,16 +443,12 @@ class CIM(nn.Module):
         self.tokenizer = tokenizer.eval().requires_grad_(False)  # frozen (Fig. 1b lock icon)
         self.enhancer = build_enhancer(arch, img_size, patch_size) if isinstance(arch, str) else arch
         vit = is_vit(self.enhancer)
-        if not vit and (img_size % 32 or 32 % patch_size):
-            raise ValueError(f'resnet50 needs an image size divisible by 32 and a patch size dividing 32, got '
-                             f'{img_size} and {patch_size}')
+        assert vit or (img_size % 32 == 0 and 32 % patch_size == 0), 'resnet50: stride-32 features, token grid'
         enh_width = self.enhancer.embed_dim if vit else 2048
         width = gen_width or (enh_width if vit else 384)  # Table 9: the ViT's width, 384 for ResNet
         shared = None
         if share_layers and vit:  # Table 5: share the patch embedding and the first 2 blocks
-            if width != enh_width or gen_depth < 2:
-                raise ValueError(f'weight sharing needs generator width = enhancer width ({enh_width}) and depth '
-                                 f'>= 2; pass share_layers=False otherwise')
+            assert width == enh_width and gen_depth >= 2, f'sharing needs width {enh_width}, depth >= 2'
             shared = (self.enhancer.patch_embed, self.enhancer.blocks[:2])
         heads = self.enhancer.blocks[0].attn.num_heads if shared else max(1, width // 64)
         self.generator = Generator(img_size, patch_size, tokenizer.vocab_size, width, gen_depth, heads, shared)

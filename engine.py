@@ -22,52 +22,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
-from torchvision.ops import StochasticDepth
+from torchvision.datasets.folder import make_dataset, pil_loader
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data: image folders (ImageNet layout or flat) and the built-in Fashion-MNIST demo data
 
-IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+IMG_EXTENSIONS = torchvision.datasets.folder.IMG_EXTENSIONS  # ImageFolder's: .jpg .jpeg .png .ppm .bmp .pgm ...
 
 
-def _is_image(name):
-    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith('.')
-
-
-def list_images(root):
-    """Files of an image folder: ImageFolder layout (root/<class>/<img>) or a flat folder (root/<img>).
-
-    Returns (paths, labels, classes); a flat folder has classes = [] and every label 0.
-    Raises UserError with a one-line message for a missing, empty or mixed folder.
-    """
-    if not os.path.isdir(root):
-        raise UserError(f"data folder '{root}' does not exist")
-    entries = sorted(os.listdir(root))
-    classes = [d for d in entries if os.path.isdir(os.path.join(root, d)) and not d.startswith('.')]
-    flat = [f for f in entries if os.path.isfile(os.path.join(root, f)) and _is_image(f)]
-    if classes and flat:
-        raise UserError(f"data folder '{root}' mixes image files and class folders; use either "
-                        f"root/<class>/<image> (ImageNet layout) or root/<image>")
-    if flat:
-        return [os.path.join(root, f) for f in flat], [0] * len(flat), []
-    paths = []
-    labels = []
-    for label, c in enumerate(classes):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-            for f in sorted(files):
-                if _is_image(f):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(label)
-    if not paths:
-        raise UserError(f"no images ({', '.join(IMG_EXTENSIONS)}) found in '{root}' or its class folders "
-                        f"(expected root/<class>/<image> or root/<image>)")
-    return paths, labels, classes
-
-
-def _read_rgb(path):
-    with Image.open(path) as im:
-        return im.convert('RGB')  # decodes fully: a truncated file raises here
+def _is_image(path):
+    return path.lower().endswith(IMG_EXTENSIONS) and not os.path.basename(path).startswith('.')
 
 
 def read_skipping_bad(i, n, read, name, max_bad=100):
@@ -85,7 +50,8 @@ def read_skipping_bad(i, n, read, name, max_bad=100):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """An image folder (see list_images) whose unreadable files are skipped, not fatal.
+    """An image folder, ImageFolder layout (root/<class>/<img>) or flat (root/<img>: classes = [], every label 0),
+    whose unreadable files are skipped, not fatal. A missing, empty or mixed folder is a one-line UserError.
 
     Item i is (transform(rgb_image), label, n_bad): when file i cannot be decoded (unreadable, truncated,
     not an image) the next readable file stands in, a warning is printed, and n_bad counts the files skipped,
@@ -93,21 +59,32 @@ class ImageFiles(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, transform=None):
-        self.paths, self.labels, self.classes = list_images(root)
+        if not os.path.isdir(root):
+            raise UserError(f"data folder '{root}' does not exist")
+        entries = [os.path.join(root, e) for e in sorted(os.listdir(root)) if not e.startswith('.')]
+        self.classes = [os.path.basename(e) for e in entries if os.path.isdir(e)]
+        self.samples = [(e, 0) for e in entries if os.path.isfile(e) and _is_image(e)]  # [(path, label)]: ImageFolder's
+        if self.classes and self.samples:
+            raise UserError(f"'{root}' mixes image files and class folders: use root/<class>/<image> or root/<image>")
+        if self.classes:  # ImageFolder's walk (sorted, symlinks followed); a class folder may be empty
+            self.samples = make_dataset(root, {c: i for i, c in enumerate(self.classes)}, is_valid_file=_is_image,
+                                        allow_empty=True)
+        if not self.samples:
+            raise UserError(f"no images ({' '.join(IMG_EXTENSIONS)}) in '{root}' or its class folders")
         self.transform = transform
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.samples)
 
     def __getitem__(self, i):
-        img, j, n_bad = read_skipping_bad(i, len(self.paths), lambda j: _read_rgb(self.paths[j]),
-                                          lambda j: f"image '{self.paths[j]}'")
-        return (self.transform(img) if self.transform is not None else img), self.labels[j], n_bad
+        # pil_loader decodes fully (convert('RGB')): a truncated file raises here, not in a transform
+        img, j, n_bad = read_skipping_bad(i, len(self.samples), lambda j: pil_loader(self.samples[j][0]),
+                                          lambda j: f"image '{self.samples[j][0]}'")
+        return (self.transform(img) if self.transform is not None else img), self.samples[j][1], n_bad
 
 
 FASHION_MNIST_DIRS = ('/usr/share/datasets/fashion-mnist',)  # Debian's dataset-fashion-mnist package
-FASHION_MNIST_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker',
-                         'Bag', 'Ankle boot')
+FASHION_MNIST_CLASSES = tuple(torchvision.datasets.FashionMNIST.classes)  # 'T-shirt/top', 'Trouser', ...
 
 
 def _read_idx(path):
@@ -116,9 +93,8 @@ def _read_idx(path):
         data = f.read()
     if data[:3] != b'\x00\x00\x08':
         raise UserError(f"'{path}' is not a uint8 idx file")
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * k: 8 + 4 * k], 'big') for k in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    shape = np.frombuffer(data, '>u4', count=data[3], offset=4).tolist()
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * len(shape)).reshape(shape).copy())
 
 
 def fashion_mnist(train=True):
@@ -129,12 +105,9 @@ def fashion_mnist(train=True):
     """
     split = 'train' if train else 't10k'
     names = (f'{split}-images-idx3-ubyte.gz', f'{split}-labels-idx1-ubyte.gz')
-    folders = [os.environ['CIM_FASHION_MNIST']] if os.environ.get('CIM_FASHION_MNIST') else []
-    for d in folders + list(FASHION_MNIST_DIRS):
+    for d in filter(None, (os.environ.get('CIM_FASHION_MNIST'),) + FASHION_MNIST_DIRS):
         if all(os.path.isfile(os.path.join(d, n)) for n in names):
-            images = _read_idx(os.path.join(d, names[0]))
-            labels = _read_idx(os.path.join(d, names[1]))
-            return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+            return _read_idx(os.path.join(d, names[0])), _read_idx(os.path.join(d, names[1])).long()
     cache = os.path.join(os.path.expanduser('~'), '.cache', 'cim')
     print(f'Fashion-MNIST is not installed (Debian: dataset-fashion-mnist); downloading it to {cache}', file=sys.stderr)
     try:
@@ -199,8 +172,7 @@ class SeededDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         seed = int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1, np.uint64)[0])
-        py_state = random.getstate()
-        np_state = np.random.get_state()
+        outer = (random.getstate(), np.random.get_state())  # the caller's streams, restored afterwards
         with torch.random.fork_rng(devices=[]):  # CPU generator only: CUDA streams stay untouched
             torch.default_generator.manual_seed(seed)
             random.seed(seed)
@@ -208,8 +180,8 @@ class SeededDataset(torch.utils.data.Dataset):
             try:
                 return self.dataset[i]
             finally:
-                random.setstate(py_state)
-                np.random.set_state(np_state)
+                random.setstate(outer[0])
+                np.random.set_state(outer[1])
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -236,20 +208,13 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.start_batch * self.batch_size
 
 
-class ShardSampler(torch.utils.data.Sampler):
+def ShardSampler(n, num_replicas=1, rank=0):
     """Evaluation order: rank r reads indices r, r + W, r + 2W, ... of n, so every image is seen exactly once over
-    all W ranks (DistributedSampler pads with repeats, which would count some images twice)."""
-
-    def __init__(self, n, num_replicas=1, rank=0):
-        if n < num_replicas:
-            raise UserError(f'{n} evaluation images cannot be spread over {num_replicas} processes')
-        self.indices = range(rank, n, num_replicas)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
+    all W ranks (DistributedSampler pads with repeats, which would count some images twice). -> a range, which
+    DataLoader takes as a sampler."""
+    if n < num_replicas:
+        raise UserError(f'{n} evaluation images cannot be spread over {num_replicas} processes')
+    return range(rank, n, num_replicas)
 
 
 def train_loader(dataset, sampler, batch_size, accum_iter, num_workers, seed, device):
@@ -257,7 +222,7 @@ def train_loader(dataset, sampler, batch_size, accum_iter, num_workers, seed, de
     steps per epoch). dataset: a SeededDataset; sampler: a ResumableSampler (or one with its num_samples,
     num_replicas and set_epoch). UserError when the dataset is too small for a single optimizer step."""
     loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=num_workers,
-                                         pin_memory=device.type == 'cuda', drop_last=True,
+                                         drop_last=True, pin_memory=device.type == 'cuda',
                                          generator=torch.Generator().manual_seed(seed))
     steps_per_epoch = sampler.num_samples // batch_size // accum_iter  # num_samples: per rank, whole epoch
     if steps_per_epoch == 0:
@@ -270,13 +235,12 @@ def endless_batches(loader, start_step, steps_per_epoch, accum_iter):
     """The training loader's micro-batches from optimizer step start_step on, epoch after epoch. Each epoch sets
     the sampler's and the dataset's epoch, so a resumed run sees exactly the batches (and the seeded crops) that an
     uninterrupted one would."""
-    epoch, step = divmod(start_step, steps_per_epoch)
-    while True:
-        loader.sampler.set_epoch(epoch, step * accum_iter)
+    first_epoch, first_step = divmod(start_step, steps_per_epoch)
+    for epoch in itertools.count(first_epoch):
+        done = first_step * accum_iter if epoch == first_epoch else 0  # micro-batches the resumed epoch already had
+        loader.sampler.set_epoch(epoch, done)
         loader.dataset.set_epoch(epoch)
-        yield from itertools.islice(loader, (steps_per_epoch - step) * accum_iter)
-        epoch += 1
-        step = 0
+        yield from itertools.islice(loader, steps_per_epoch * accum_iter - done)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,13 +252,11 @@ def init_distributed():
     cuda = torch.cuda.is_available()
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         return 0, 1, torch.device('cuda' if cuda else 'cpu')
-    rank = int(os.environ['RANK'])
-    world_size = int(os.environ['WORLD_SIZE'])
     device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if cuda else torch.device('cpu')
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group('nccl' if cuda else 'gloo')
-    return rank, world_size, device
+    dist.init_process_group('nccl' if cuda else 'gloo')  # env:// reads RANK and WORLD_SIZE
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def is_main():
@@ -333,8 +295,7 @@ def param_groups(model, weight_decay, no_decay_keys=(), lr_scale=None):
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith('.bias') or any(k in name for k in no_decay_keys)
-        wd = 0.0 if no_decay else weight_decay
+        wd = 0.0 if p.ndim <= 1 or name.endswith('.bias') or any(k in name for k in no_decay_keys) else weight_decay
         scale = lr_scale(name) if lr_scale else 1.0
         groups.setdefault((wd, scale), {'params': [], 'weight_decay': wd, 'lr_scale': scale})['params'].append(p)
     return list(groups.values())
@@ -348,14 +309,11 @@ def scaled_lr(lr_at_ref, total_batch, ref_batch):
 def cosine_schedule(peak_lr, min_lr, total_steps, warmup_steps):
     """The lr of every optimizer step: linear warmup to peak_lr (reached at the last warmup step), then half-cosine
     decay to min_lr at total_steps. -> list of total_steps floats."""
-    lrs = []
-    for step in range(total_steps):
-        if step < warmup_steps:
-            lrs.append(peak_lr * (step + 1) / warmup_steps)
-        else:
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            lrs.append(min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-    return lrs
+    warmup = [peak_lr * (step + 1) / warmup_steps for step in range(warmup_steps)]
+    decay = max(1, total_steps - warmup_steps)
+    cosine = [min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (step / decay)))
+              for step in range(total_steps - warmup_steps)]
+    return (warmup + cosine)[:total_steps]  # a warmup longer than the run is cut too
 
 
 def vit_layer_id(name, depth, prefix=''):
@@ -367,9 +325,7 @@ def vit_layer_id(name, depth, prefix=''):
     parts = name[len(prefix):].split('.')
     if parts[0] in ('patch_embed', 'pos_embed', 'cls_token', 'mask_token'):
         return 0
-    if parts[0] == 'blocks':
-        return int(parts[1]) + 1
-    return depth + 1
+    return int(parts[1]) + 1 if parts[0] == 'blocks' else depth + 1
 
 
 def layer_decay(depth, decay, prefix=''):
@@ -394,9 +350,10 @@ def add_stochastic_depth(resnet, rate):
         p = rate * i / max(1, len(blocks) - 1)
         if p == 0:
             continue
-        block.drop_path = StochasticDepth(p, 'row')
-        last_bn = block.bn3 if isinstance(block, torchvision.models.resnet.Bottleneck) else block.bn2
-        last_bn.register_forward_hook(functools.partial(_drop_branch, block.drop_path))
+        block.drop_path = torchvision.ops.StochasticDepth(p, 'row')
+        # on the last BatchNorm (a Bottleneck's bn3, a BasicBlock's bn2); a partial, not a lambda: it pickles, and a
+        # deepcopy's hook drops with the copy's drop_path
+        getattr(block, 'bn3', block.bn2).register_forward_hook(functools.partial(_drop_branch, block.drop_path))
     return resnet
 
 
@@ -416,8 +373,6 @@ def grad_norm(parameters):
     norm is accumulated in fp64, where squares of finite fp32 gradients cannot overflow; clip_grad_norm_'s fp32 norm
     turns large finite gradients into inf). One multi-tensor kernel on CUDA (_foreach_norm), not one per tensor."""
     grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros((), dtype=torch.float64)
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64)))
 
 
@@ -463,7 +418,6 @@ def atomic_save(obj, path, previous=None):
     if previous and os.path.exists(path):
         os.replace(path, previous)
     os.replace(tmp, path)
-    return path
 
 
 _held = {}  # output folders this process has locked: their open lock files
@@ -481,14 +435,12 @@ def lock_output_dir(output_dir):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        f.seek(0)
-        pid = f.read().strip() or '?'
-        f.close()
-        raise UserError(f"'{output_dir}' is in use by a live run (process {pid}); stop it (its torchrun workers "
-                        f"too) or pass another --output-dir") from None
+        with f:
+            f.seek(0)
+            raise UserError(f"'{output_dir}' is in use by a live run (process {f.read().strip() or '?'}); stop it "
+                            f"(its torchrun workers too) or pass another --output-dir") from None
     f.truncate(0)
-    f.write(str(os.getpid()))
-    f.flush()
+    print(os.getpid(), file=f, flush=True)  # for the message of a refused run
     _held[path] = f
 
 
@@ -498,19 +450,15 @@ def truncate_log(path, step):
     if not is_main() or not os.path.isfile(path):
         return
     with open(path) as f:
-        lines = f.readlines()
-    kept = [line for line in lines if json.loads(line).get('step', 0) <= step]
-    if len(kept) < len(lines):
-        with open(path, 'w') as f:
-            f.writelines(kept)
+        kept = [line for line in f if json.loads(line).get('step', 0) <= step]
+    with open(path, 'w') as f:
+        f.writelines(kept)
 
 
 def find_checkpoint(output_dir):
     """output_dir/checkpoint-last.pth (or -prev.pth) if there is one, else None."""
-    for name in (CHECKPOINT, PREVIOUS):
-        if os.path.isfile(os.path.join(output_dir, name)):
-            return os.path.join(output_dir, name)
-    return None
+    paths = [os.path.join(output_dir, name) for name in (CHECKPOINT, PREVIOUS)]
+    return next((path for path in paths if os.path.isfile(path)), None)
 
 
 def torch_load(path, what):
@@ -520,8 +468,7 @@ def torch_load(path, what):
     if not os.path.isfile(path):
         raise UserError(f"{what} '{path}' does not exist")
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols on some non-checkpoint files
-            warnings.simplefilter('ignore')
+        with warnings.catch_warnings(action='ignore'):  # torch warns about pickle protocols on some non-checkpoints
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # zip, EOF, key and unpickling errors
         if isinstance(e, pickle.UnpicklingError) and 'unsupported global' in str(e).lower():
@@ -532,13 +479,13 @@ def torch_load(path, what):
 
 def save_training_state(model, optimizer, scaler, args, log, skip_prefix=None, **position):
     """Every rank: checkpoint-last.pth in args.output_dir (the previous one kept as checkpoint-prev.pth) with
-    model, optimizer, scaler, each rank's RNG state, the log dict, args and `position` (step=...); rank 0 writes
-    it atomically, so a crash at any point leaves a complete checkpoint. A non-finite model raises TrainingError
-    instead, keeping the last good checkpoint. skip_prefix: model keys not saved (a frozen part)."""
-    where = ', '.join(f'{k} {v}' for k, v in position.items())
+    model, optimizer, scaler, each rank's RNG state, the log dict, args and `position` (step=N, required; other
+    entries are for load_training_state to check); rank 0 writes it atomically, so a crash at any point leaves a
+    complete checkpoint. A non-finite model raises TrainingError instead, keeping the last good checkpoint.
+    skip_prefix: model keys not saved (a frozen part)."""
     if not all_finite(model):
-        raise TrainingError(f'the model became non-finite at {where}; kept the last good checkpoint in '
-                            f'{args.output_dir}')
+        raise TrainingError(f"the model became non-finite at step {position['step']}; the last good checkpoint is "
+                            f"in {args.output_dir}")
     rng = [rng_state()]  # every rank's: a resumed rank r goes on with rank r's stream
     if dist.is_initialized():
         rng = [None] * dist.get_world_size()
@@ -569,18 +516,15 @@ def load_training_state(path, model, optimizer, scaler, args, rank, log, same_ar
         state = torch_load(path, 'checkpoint')
     if not isinstance(state, dict) or not all(k in state for k in ('model', 'args', 'optimizer', 'scaler', 'rng')):
         raise UserError(f"'{path}' is not a training checkpoint to resume (no model/args/optimizer/RNG state)")
-    old = state['args']
-    diff = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in same_args
-            if old.get(k) != getattr(args, k)]
-    diff += [f'{k} {state.get(k)} (now {v})' for k, v in same.items() if state.get(k) != v]
+    pairs = [(f"--{k.replace('_', '-')}", state['args'].get(k), getattr(args, k)) for k in same_args]
+    pairs += [(k, state.get(k), v) for k, v in same.items()]  # (name, the checkpoint's value, this run's)
+    diff = [f'{name} {then} (now {now})' for name, then, now in pairs if then != now]
     if diff:
-        raise UserError(f"checkpoint '{path}' was written with {', '.join(diff)}; use the same settings to resume "
-                        f"or another --output-dir")
+        raise UserError(f"'{path}' was written with {', '.join(diff)}; resume with those or use another --output-dir")
     missing, unexpected = model.load_state_dict(state['model'], strict=False)
     missing = [k for k in missing if not (skip_prefix and k.startswith(skip_prefix))]
     if missing or unexpected:
-        raise UserError(f"checkpoint '{path}' does not fit the model (missing {missing[:3]}, unexpected "
-                        f"{unexpected[:3]})")
+        raise UserError(f"'{path}' does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     optimizer.load_state_dict(state['optimizer'])
     scaler.load_state_dict(state['scaler'])
     set_rng_state(state['rng'][rank])
@@ -600,13 +544,9 @@ def read_weights(path):
     file, a torchvision / timm state dict, the {'model': ...} / {'state_dict': ...} / 'module.' wrappers of MAE, BEiT,
     DeiT and DDP, and 'backbone.*' weights (a linear probe, mmseg). Raises UserError (one line)."""
     obj = torch_load(path, 'weights file')
-    meta = {}
-    if isinstance(obj, dict):
-        for key in ('model', 'state_dict'):
-            if isinstance(obj.get(key), dict):
-                meta = obj['args'] if isinstance(obj.get('args'), dict) else {}
-                obj = obj[key]
-                break
+    wrapped = [obj[key] for key in ('model', 'state_dict') if isinstance(obj, dict) and isinstance(obj.get(key), dict)]
+    meta = obj['args'] if wrapped and isinstance(obj.get('args'), dict) else {}
+    obj = wrapped[0] if wrapped else obj
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"'{path}' holds no state dict (a dict of parameter names to tensors)")
     state = {k.removeprefix('module.'): v for k, v in obj.items()}
@@ -622,7 +562,6 @@ def weights_family(state):
         return 'vit'
     if 'conv1.weight' in state or any(k.startswith('layer1.0.') for k in state):
         return 'resnet'
-    return None
 
 
 def interpolate_pos_embed(pos_embed, num_patches):
@@ -649,9 +588,7 @@ def load_pretrained(model, state, source='weights', classifier=('head.', 'fc.'),
     """
     own = model.state_dict()
     family = weights_family(own)
-    theirs = weights_family(state)
-    if theirs is None:
-        raise UserError(f"{source} holds neither ViT nor ResNet weights (keys such as {', '.join(list(state)[:3])})")
+    theirs = weights_family(state) or f"neither ViT nor ResNet ({', '.join(list(state)[:3])}, ...)"
     if theirs != family:
         raise UserError(f'{source} holds {theirs} weights but the model is a {family}')
     state = dict(state)
@@ -670,8 +607,7 @@ def load_pretrained(model, state, source='weights', classifier=('head.', 'fc.'),
     bad = structural or [k for k in missing if not k.startswith(classifier)]
     if bad:
         raise UserError(f"{source} does not fit the model: {'unexpected' if structural else 'missing'} "
-                        f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} ({len(bad)} keys; another "
-                        f"architecture or depth?)")
+                        f"{', '.join(bad[:3])} ({len(bad)} keys; another architecture or depth?)")
     ignored = [k for k in state if k not in own]
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     if verbose and is_main():
@@ -689,11 +625,9 @@ def resolve_init(init, demo):
     if demo:
         init = init or DEMO_CHECKPOINT
         if init != 'none' and not os.path.isfile(init):
-            raise UserError(f"no --data: the demo fine-tunes train.py's demo checkpoint '{init}', which does not "
-                            f"exist; run `python train.py` first or pass --init PATH")
+            raise UserError(f"no --data: '{init}', the demo's checkpoint, does not exist; run `python train.py` first")
     elif init is None:
-        raise UserError("--init is required with --data: pre-trained weights (train.py checkpoint or --export, "
-                        "torchvision / timm state dict) or 'none' for random initialization")
+        raise UserError("--init is required with --data: pre-trained weights (see --help) or 'none' for random init")
     return init, (read_weights(init)[1] if init != 'none' else {})
 
 
@@ -721,13 +655,12 @@ class Tally:
     def __init__(self, keys, total_batch, device):
         self.keys = tuple(keys) + ('grad_norm',)
         self.total_batch = total_batch
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.sums = torch.zeros(len(self.keys) + 2, device=device)  # [each key, grad norm, good steps, skipped]
         self.bad_run = torch.zeros((), device=device)  # skipped steps in a row (not reset at a log)
         self.n_bad = torch.zeros((), dtype=torch.long)  # on the CPU, where the loader's counts arrive
-        self.steps = 0
         self.t0 = time.time()
         self.totals = [0.0] * (len(self.sums) + 2)  # the last close()'s, summed over ranks (see there)
-        self.bad_run_total = 0.0  # skipped steps in a row at the last close()
 
     def means(self, totals):
         """{key: its sum / the good steps (NaN when none)} from totals laid out as self.totals (an interval's, or
@@ -740,40 +673,34 @@ class Tally:
         skipped; skipped_files: the loader's per-image counts of unreadable files."""
         good = norm.isfinite()  # a skipped step adds to the counts only: its metrics may be inf / NaN
         self.sums[:-2] += torch.where(good, torch.cat([metrics.float(), norm.float().view(1)]), 0.0)
-        self.sums[-2] += good.float()
-        self.sums[-1] += (~good).float()
+        self.sums[-2:] += torch.stack([good, ~good]).float()
         self.bad_run = torch.where(good, 0.0, self.bad_run + 1)
         self.n_bad += skipped_files.sum()
-        self.steps += 1
 
     def close(self, log):
         """Ends the interval -> {key: mean over its good steps (NaN when none), imgs_per_s, n_bad_images,
         skipped_steps}; the last two are run totals, kept in `log` (and so in the checkpoint). self.totals: the
         interval's sums over ranks, [K + 1 means' sums, good steps, skipped steps, bad run, files]."""
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        # host sync: the one per log interval, all of it summed over ranks in one all_reduce
-        self.totals = sum_over_ranks(torch.cat([self.sums, self.bad_run.view(1), self.n_bad.to(self.sums.device)
-                                                .view(1)])).tolist()
-        *_, skipped, bad_run, n_bad = self.totals
-        log['skipped_steps'] += round(skipped / world)  # every rank counts the same steps
+        # the host sync of the interval: everything summed over ranks in one all_reduce, read once
+        counts = torch.stack([self.bad_run, self.n_bad.to(self.sums.device)])  # [bad run, files]
+        self.totals = sum_over_ranks(torch.cat([self.sums, counts])).tolist()
+        *_, good, skipped, _, n_bad = self.totals
+        steps = (good + skipped) / self.world  # every rank counts the same steps
+        log['skipped_steps'] += round(skipped / self.world)
         log['n_bad_images'] += round(n_bad)
         now = time.time()
-        record = self.means(self.totals)
-        record.update(imgs_per_s=self.steps * self.total_batch / (now - self.t0), n_bad_images=log['n_bad_images'],
-                      skipped_steps=log['skipped_steps'])
-        self.bad_run_total = bad_run / world
+        record = dict(self.means(self.totals), imgs_per_s=steps * self.total_batch / (now - self.t0),
+                      n_bad_images=log['n_bad_images'], skipped_steps=log['skipped_steps'])
         self.sums.zero_()
         self.n_bad.zero_()
-        self.steps = 0
         self.t0 = now
         return record
 
     def check(self, max_bad_steps, step, output_dir):
         """After the log line: TrainingError once max_bad_steps steps in a row were skipped (as of the last close)."""
-        if self.bad_run_total >= max_bad_steps:
+        if self.totals[-2] / self.world >= max_bad_steps:  # the bad run, as every rank counts it
             raise TrainingError(f'{max_bad_steps} consecutive steps had a non-finite loss or gradients and were '
-                                f'skipped; stopped at step {step} (the last good checkpoint is in {output_dir}); '
-                                f'try a lower learning rate')
+                                f'skipped; stopped at step {step} (last good checkpoint in {output_dir}); lower the lr')
 
 
 def progress(enabled=True, **kwargs):
@@ -791,14 +718,11 @@ def evaluate(fn, loader, device, dtype=None, desc='eval'):
     -> {name: float64 tensor}; the caller divides. One all_reduce per name, at the end.
     """
     sums = {}
-    for batch in progress(iterable=loader, desc=desc, leave=False):
-        inputs = batch[0].to(device, non_blocking=True)
-        targets = batch[1].to(device, non_blocking=True)
+    for inputs, targets, *_ in progress(iterable=loader, desc=desc, leave=False):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = fn(inputs, targets)
+            out = fn(inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True))
         for k, v in out.items():
-            v = torch.as_tensor(v, device=device).detach().to(torch.float64)
-            sums[k] = sums[k] + v if k in sums else v
+            sums[k] = sums.get(k, 0) + torch.as_tensor(v, device=device).detach().to(torch.float64)
     for k in sorted(sums):
         sum_over_ranks(sums[k])
     return sums
@@ -847,14 +771,12 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, k=20, T=0.0
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
     train_labels = train_labels.long().to(train.device)
-    test_labels = test_labels.long().to(train.device)
-    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    num_classes = int(train_labels.max()) + 1  # a test label beyond them gets no vote and counts as wrong
     correct = 0
     for i in range(0, len(test), chunk):
         sim, idx = (test[i:i + chunk] @ train.T).topk(min(k, len(train)), dim=1)   # [b, k]
-        votes = torch.zeros(len(sim), num_classes, device=train.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / T).exp())
-        correct += int((votes.argmax(1) == test_labels[i:i + chunk]).sum())
+        votes = sim.new_zeros(len(sim), num_classes).scatter_add_(1, train_labels[idx], (sim / T).exp())
+        correct += int((votes.argmax(1) == test_labels[i:i + chunk].to(train.device)).sum())
     return correct / len(test)
 
 
@@ -894,8 +816,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(formatter_class=functools.partial(HelpFormatter, recipes=recipes), **kwargs)
 
     def error(self, message):
-        print(f'error: {message}', file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f'error: {message}\n')  # on stderr
 
 
 def checked(cast, ok, what):
@@ -931,8 +852,7 @@ def apply_recipe(args, recipe):
     """The one override rule of all three scripts: a flag left unset (None) takes the recipe's value; an explicit
     flag always wins. -> {name: value} of the values taken (to print)."""
     taken = {k: v for k, v in recipe.items() if getattr(args, k, None) is None}
-    for k, v in taken.items():
-        setattr(args, k, v)
+    vars(args).update(taken)
     return taken
 
 

@@ -564,7 +564,7 @@ class LinearViT(nn.Module):
 
     def forward(self, imgs):
         B, _, H, W = imgs.shape
-        p = self.backbone.patch_size
+        p = self.backbone.patch_embed.proj.stride[0]  # the patch size
         logits = self.decode_head(self.backbone.forward_features(imgs)[:, 1:])  # [B, N, C], the cls token dropped
         return [upsample(logits.transpose(1, 2).reshape(B, -1, H // p, W // p), (H, W))]
 

@@ -48,6 +48,9 @@ DEMO = dict(PAPER, arch='vit_tiny', img_size=32, patch_size=4, subset=3200, epoc
             batch_size=64, blr=3.2e-2, min_crop_scale=0.35, num_workers=0, log_every=10, save_every_steps=100,
             vis_every=2, output_dir=os.path.join('out', 'demo'))
 DEMO_TOKENIZER_STEPS = 300
+# what a resumed run must share with its checkpoint (the tokenizer's vocabulary and scale are checked too)
+SAME_ARGS = ('arch', 'task', 'img_size', 'patch_size', 'gen_depth', 'gen_width', 'no_share', 'subset', 'batch_size',
+             'accum_iter', 'world_size')
 
 
 def get_args_parser():
@@ -73,8 +76,8 @@ def get_args_parser():
     g.add_argument('--enhancer-weight', type=float, default=None, help='default: 10 (respix), 1 (revdet), Table 9')
     g = p.add_argument_group('optimization (Table 9)')
     g.add_argument('--epochs', type=engine.POSITIVE, help='pre-training epochs')
-    g.add_argument('--max-steps', type=engine.POSITIVE, help='train this many optimizer steps instead of --epochs '
-                                                             'epochs (the warmup keeps its share of the schedule)')
+    g.add_argument('--max-steps', type=engine.POSITIVE, help='this many optimizer steps instead of --epochs (the '
+                                                             'warmup keeps its share of the schedule)')
     g.add_argument('--warmup-epochs', type=engine.NON_NEGATIVE, help='linear lr warmup, then cosine decay')
     g.add_argument('--batch-size', type=engine.POSITIVE, help='per GPU (process); 8 x 256 = 2048')
     g.add_argument('--accum-iter', type=engine.POSITIVE, default=1, help='gradient accumulation steps')
@@ -86,10 +89,9 @@ def get_args_parser():
     g.add_argument('--clip-grad', type=float, default=3.0, help='global grad-norm clip, Table 9 (0: off)')
     g.add_argument('--min-crop-scale', type=engine.FRACTION, help='RandomResizedCrop scale (BEiT: 0.08-1)')
     g = p.add_argument_group('data')
-    g.add_argument('--data', metavar='DIR', help='ImageFolder root (ImageNet train) or flat image folder; '
-                                                 'none: the built-in Fashion-MNIST demo')
-    g.add_argument('--subset', type=engine.POSITIVE, help='use this many training images, drawn at random (seeded) '
-                                                          'across the classes; default: all')
+    g.add_argument('--data', metavar='DIR', help='ImageFolder root (ImageNet train) or flat folder; none: the demo')
+    g.add_argument('--subset', type=engine.POSITIVE, help='this many training images, drawn at random (seeded) across '
+                                                          'the classes; default: all')
     g = engine.add_common_args(p, 'default: out/demo (demo), out/<arch>_<task>')
     g.add_argument('--vis-every', type=engine.NON_NEGATIVE, help='epochs between Fig. 2/3 PNGs (0: off)')
     g.add_argument('--compile', action='store_true', help='torch.compile the tokenizer, generator and enhancer')
@@ -119,18 +121,13 @@ def main(argv=None):
         args.tokenizer = demo_tokenizer(os.path.join(args.output_dir, 'tokenizer.pt'), DEMO_TOKENIZER_STEPS,
                                         args.seed, device)
     if args.tokenizer is None:
-        raise engine.UserError('--tokenizer is required with --data: the DALL-E folder (encoder.pkl, decoder.pkl) '
-                               'or a dvae.py tokenizer .pt')
+        raise engine.UserError('--tokenizer is required with --data: a DALL-E folder or a dvae.py .pt (see --help)')
     tokenizer = dvae.load_tokenizer(args.tokenizer)
     grid = args.img_size // args.patch_size
     mask_range = cim.mask_count_range(grid * grid, args.mask_ratio) if args.mask_type == 'block' else None
     transform = TwoViews(args.img_size, grid * tokenizer.downsample, args.min_crop_scale, mask_range, grid)
-    if demo:
-        images, labels = engine.fashion_mnist(train=True)
-        base = engine.TensorImages(images, labels, transform, pad=2)
-    else:
-        base = engine.ImageFiles(args.data, transform)
-        labels = base.labels
+    base = (engine.TensorImages(*engine.fashion_mnist(train=True), transform, pad=2) if demo
+            else engine.ImageFiles(args.data, transform))
     train_set = engine.subset(base, args.subset, args.seed)
     dataset = engine.SeededDataset(train_set, args.seed)
     sampler = engine.ResumableSampler(dataset, args.batch_size, args.world_size, rank, seed=args.seed)
@@ -155,16 +152,17 @@ def main(argv=None):
     engine.seed_rank(args.seed, rank)  # from here on, masks and samples differ across ranks
     # epoch_totals: the epoch's log totals so far, in the checkpoint so that a resumed epoch's summary is whole
     log = dict(n_bad_images=0, skipped_steps=0, epoch_totals=None)
-    start_step = 0
+    # the frozen tokenizer is not saved (it is given by path); its vocabulary and scale are, to check on resume
+    frozen = dict(skip_prefix='tokenizer.', tokenizer={k: getattr(tokenizer, k) for k in ('vocab_size', 'downsample')})
     engine.lock_output_dir(args.output_dir)  # one live run per folder
     ckpt = args.resume or engine.find_checkpoint(args.output_dir)
     if ckpt:
-        start_step = resume(ckpt, model, optimizer, scaler, args, rank, log)
+        state, _ = engine.load_training_state(ckpt, model, optimizer, scaler, args, rank, log, SAME_ARGS, **frozen)
+    start_step = state['step'] if ckpt else 0  # optimizer steps done
     if args.compile:
         model.compile()
     raw_model = model  # the CIM module itself: what is saved, evaluated and drawn
-    ddp = args.world_size > 1
-    if ddp:
+    if args.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
     if engine.is_main():
         n = sum(p.numel() for p in raw_model.enhancer.parameters()) / 1e6
@@ -172,9 +170,10 @@ def main(argv=None):
               f'{total_steps} steps, total batch {total_batch} ({args.world_size} x {args.batch_size} x '
               f'{args.accum_iter}), peak lr {peak_lr:.2e}, amp {dtype or "off"}, tokenizer {args.tokenizer} '
               f'({grid * tokenizer.downsample} px view), output {args.output_dir}')
-    vis_labels = [labels[i] for i in train_set.indices] if train_set is not base else labels
     # the fixed Fig. 2/3/4 batch: epoch 0's views of 8 images that take the classes in turn
-    vis_batch = torch.utils.data.default_collate([dataset[i][0] for i in spread_over_classes(vis_labels, 8)])
+    # train_set: a Subset of base, or base itself
+    labels = [base.labels[i] if demo else base.samples[i][1] for i in getattr(train_set, 'indices', range(len(base)))]
+    vis_batch = torch.utils.data.default_collate([dataset[i][0] for i in spread_over_classes(labels, 8)])
 
     # ---- the loop: one optimizer step per iteration; logs every --log-every steps; checkpoints ------------------
     params = [p for p in raw_model.parameters() if p.requires_grad]
@@ -187,25 +186,21 @@ def main(argv=None):
     for step in range(start_step, total_steps):
         for g in optimizer.param_groups:
             g['lr'] = lrs[step] * g['lr_scale']  # warmup + cosine (Table 9), times a group's scale (1 here)
-        micro_batches = []
-        n_bad = 0
-        for _ in range(args.accum_iter):
-            views, _, skipped_files = next(batches)
-            micro_batches.append([v.to(device, non_blocking=True) for v in views])  # imgs, tok_imgs(, block mask)
-            n_bad = n_bad + skipped_files
+        batch = [next(batches) for _ in range(args.accum_iter)]  # (views, labels, unreadable files skipped) each
+        # views: imgs, tok_imgs (and the block mask made in the loader workers)
+        micro_batches = [[v.to(device, non_blocking=True) for v in views] for views, _, _ in batch]
         metrics, norm = train_step(model, micro_batches, optimizer, scaler, params, keys, args.clip_grad, dtype)
-        tally.add(metrics, norm, n_bad)  # no host sync: the step's numbers stay on the device until the log
+        tally.add(metrics, norm, sum(n_bad for _, _, n_bad in batch))  # no host sync: on the device until the log
         pbar.update()
 
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
         saving = end_of_epoch or (args.save_every_steps and done % args.save_every_steps == 0)
         if done % args.log_every == 0 or saving:  # a checkpoint closes the interval, so a resume starts a new one
-            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step],
-                          **tally.close(log))  # the host sync
+            # tally.close: the interval's one host sync
+            record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step], **tally.close(log))
             # the epoch's summary adds up its intervals' sums; kept in the checkpoint, so a resumed epoch's is whole
-            log['epoch_totals'] = [a + b for a, b in zip(log['epoch_totals'] or [0.0] * len(tally.totals),
-                                                         tally.totals)]
+            log['epoch_totals'] = [a + b for a, b in zip(log['epoch_totals'] or [0] * len(tally.totals), tally.totals)]
             if engine.is_main():
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
                 pbar.write(f'step {done}/{total_steps}: {log_line(record)}')
@@ -213,14 +208,13 @@ def main(argv=None):
         if saving:
             if end_of_epoch:  # the checkpoint holds the next epoch's (empty) totals
                 epoch_totals, log['epoch_totals'] = log['epoch_totals'], None
-            save(raw_model, optimizer, scaler, args, done, log)
+            engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done, **frozen)
         if end_of_epoch:
             epoch = -(-done // steps_per_epoch)
             if engine.is_main():
-                means = tally.means(epoch_totals)  # the epoch's intervals added up
                 minutes = (time.time() - t_epoch) / 60
-                n_steps = done - max(start_step, (epoch - 1) * steps_per_epoch)
-                pbar.write(f'epoch {epoch} done ({done}/{total_steps} steps): {log_line(means)}, '
+                n_steps = done - max(start_step, (epoch - 1) * steps_per_epoch)  # this process's steps of the epoch
+                pbar.write(f'epoch {epoch} done ({done}/{total_steps} steps): {log_line(tally.means(epoch_totals))}, '
                            f'{n_steps * total_batch / minutes / 60:.1f} img/s, {minutes:.1f} min')
                 if args.vis_every and (epoch % args.vis_every == 0 or done == total_steps):
                     pbar.write(f'figures: {save_figures(raw_model, vis_batch, args, epoch, device, dtype)}')
@@ -242,8 +236,7 @@ def train_step(model, micro_batches, optimizer, scaler, params, keys, clip_grad,
     ddp = isinstance(model, DistributedDataParallel)
     metrics = 0.0
     for i, views in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        with model.no_sync() if ddp and not last else contextlib.nullcontext():
+        with model.no_sync() if ddp and i < len(micro_batches) - 1 else contextlib.nullcontext():
             with torch.autocast(views[0].device.type, dtype=dtype, enabled=dtype is not None):
                 out = model(*views)  # generator + enhancer losses, Sec. 2.3
             scaler.scale(out['loss'] / len(micro_batches)).backward()  # fp16: scaled against underflow
@@ -321,10 +314,9 @@ def check_args(args):
     """User mistakes that would otherwise surface deep inside torch: one clear line each."""
     if args.img_size % args.patch_size:
         raise engine.UserError(f'--img-size {args.img_size} is not divisible by --patch-size {args.patch_size}')
-    if args.arch == 'resnet50' and (args.img_size % 32 or 32 % args.patch_size):
-        raise engine.UserError(f'resnet50 needs an --img-size divisible by 32 and a --patch-size dividing 32 (its '
-                               f'REVDET/RESPIX heads read a stride-32 feature map), got {args.img_size} and '
-                               f'{args.patch_size}')
+    if args.arch == 'resnet50' and (args.img_size % 32 or 32 % args.patch_size):  # its heads read the stride-32 map
+        raise engine.UserError(f'resnet50 needs an --img-size divisible by 32 and a --patch-size dividing 32, got '
+                               f'{args.img_size} and {args.patch_size}')
     if not 0 <= args.warmup_epochs <= args.epochs:
         raise engine.UserError(f'--warmup-epochs {args.warmup_epochs} must be between 0 and --epochs {args.epochs}')
     width = cim.VIT_CONFIGS.get(args.arch, {}).get('embed_dim')
@@ -345,8 +337,7 @@ def spread_over_classes(labels, n):
     by_class = {}
     for i, y in enumerate(labels):
         by_class.setdefault(int(y), []).append(i)
-    order = [i for row in itertools.zip_longest(*by_class.values()) for i in row if i is not None]
-    return order[:n]
+    return [i for row in itertools.zip_longest(*by_class.values()) for i in row if i is not None][:n]
 
 
 @torch.no_grad()
@@ -367,25 +358,6 @@ def save_figures(model, batch, args, epoch, device, dtype):
     return prefix + '_fig{2,3,4}.png'
 
 
-SAME_ARGS = ('arch', 'task', 'img_size', 'patch_size', 'gen_depth', 'gen_width', 'no_share', 'subset', 'batch_size',
-             'accum_iter', 'world_size')
-
-
-def save(model, optimizer, scaler, args, step, log):
-    """checkpoint-last.pth without the frozen tokenizer (its vocabulary and scale recorded to check on resume)."""
-    tok = dict(vocab_size=model.tokenizer.vocab_size, downsample=model.tokenizer.downsample)
-    engine.save_training_state(model, optimizer, scaler, args, log, skip_prefix='tokenizer.', tokenizer=tok,
-                               step=step)
-
-
-def resume(path, model, optimizer, scaler, args, rank, log):
-    """Loads a checkpoint of the same model, tokenizer and batch layout -> optimizer steps done."""
-    tok = dict(vocab_size=model.tokenizer.vocab_size, downsample=model.tokenizer.downsample)
-    state, _ = engine.load_training_state(path, model, optimizer, scaler, args, rank, log, SAME_ARGS,
-                                          skip_prefix='tokenizer.', tokenizer=tok)
-    return state['step']
-
-
 def export(ckpt, out):
     """Writes the enhancer backbone of a train.py checkpoint (CIM.enhancer's state dict): torchvision's
     resnet50 loads it with only fc.* missing, timm's vit_*_patch16_224 with only head.* missing."""
@@ -394,9 +366,8 @@ def export(ckpt, out):
     state, a = engine.read_weights(ckpt)
     if not a.get('arch'):
         raise engine.UserError(f"'{ckpt}' is not a train.py checkpoint (no training arguments in it)")
-    enhancer = cim.build_enhancer(a['arch'], a['img_size'], a['patch_size'])
-    enhancer.load_state_dict(state)  # strict: the whole backbone is there
-    torch.save(enhancer.state_dict(), out)
+    cim.build_enhancer(a['arch'], a['img_size'], a['patch_size']).load_state_dict(state)  # strict: all of it, no more
+    torch.save(state, out)
     print(f"wrote the {a['arch']} enhancer of '{ckpt}' ({a['task']}) to '{out}'")
 
 
@@ -408,8 +379,8 @@ def demo_tokenizer(path, steps, seed, device):
     trained for `steps` steps on the Fashion-MNIST training images, once; later runs reuse it. -> path."""
     if engine.is_main() and not os.path.isfile(path):
         print(f'training the demo tokenizer {dvae.SMALL_CONFIG} for {steps} steps -> {path}')
-        images = engine.fashion_mnist(train=True)[0]
-        x = F.pad(images[:, None].float() / 255, (2, 2, 2, 2)).expand(-1, 3, -1, -1)  # [N, 3, 32, 32] in [0, 1]
+        # [N, 3, 32, 32] in [0, 1]: 28 px gray padded as TensorImages pads, as RGB
+        x = F.pad(engine.fashion_mnist(train=True)[0][:, None].float() / 255, (2, 2, 2, 2)).expand(-1, 3, -1, -1)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=64, shuffle=True,
                                              drop_last=True, generator=torch.Generator().manual_seed(seed))
         torch.manual_seed(seed)
@@ -425,19 +396,18 @@ def demo_eval(model, train_set, args, device, dtype):
     initialization, the pre-training images as neighbours (`python finetune.py` and its --linear-probe go on from
     the demo's checkpoint). -> {'pre-trained': accuracy, 'random init': accuracy}."""
     train_x, train_y = engine.fashion_mnist(train=True)
-    test_x, test_y = engine.fashion_mnist(train=False)
-    idx = train_set.indices if isinstance(train_set, torch.utils.data.Subset) else range(len(train_x))
+    idx = getattr(train_set, 'indices', slice(None))  # the pre-training images
     train = engine.TensorImages(train_x[idx], train_y[idx], eval_transform, pad=2)
-    test = engine.TensorImages(test_x[:2000], test_y[:2000], eval_transform, pad=2)
+    test = engine.TensorImages(*(t[:2000] for t in engine.fashion_mnist(train=False)), eval_transform, pad=2)
     loaders = [torch.utils.data.DataLoader(d, batch_size=250) for d in (train, test)]
     torch.manual_seed(args.seed)
     random_init = cim.build_enhancer(args.arch, args.img_size, args.patch_size).to(device)
     knn = {}
     for name, net in (('pre-trained', model.enhancer), ('random init', random_init)):
         engine.recompute_bn_stats(net, loaders[0], device, dtype)  # ResNet: the same BN protocol for both
-        a, ya = engine.extract_features(functools.partial(cim.pooled_features, net), loaders[0], device, dtype)
-        b, yb = engine.extract_features(functools.partial(cim.pooled_features, net), loaders[1], device, dtype)
-        knn[name] = engine.knn_accuracy(a, ya, b, yb, k=20, T=0.07)
+        feats = [engine.extract_features(functools.partial(cim.pooled_features, net), loader, device, dtype)
+                 for loader in loaders]  # (features, labels) of the neighbours, of the test images
+        knn[name] = engine.knn_accuracy(*feats[0], *feats[1], k=20, T=0.07)
     print(f'Fashion-MNIST test split ({len(test)} images), {args.arch} {args.task} features, pre-trained vs random '
           f'init: kNN top-1 (k=20, {len(train)} pre-training images as neighbours) {knn["pre-trained"]:.1%} vs '
           f'{knn["random init"]:.1%}')
