@@ -98,7 +98,9 @@ class Attention(nn.Module):
 
     def forward(self, x):  # x: [B, L, D]
         B, L, D = x.shape
+        # one fused q/k/v projection, split by heads: timm's layout, so its checkpoints load as they are
         q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        # the fused kernel (flash / memory-efficient on a GPU) never materializes the [L, L] attention matrix
         x = F.scaled_dot_product_attention(q, k, v)  # [B, heads, L, D/heads]
         return self.proj(x.transpose(1, 2).reshape(B, L, D))
 
@@ -127,6 +129,7 @@ class Block(nn.Module):
         self.drop_path = torchvision.ops.StochasticDepth(drop_path, 'row') if drop_path > 0 else nn.Identity()
 
     def forward(self, x):
+        # pre-norm residuals (ViT, BEiT): each branch sees a normalized input, the trunk keeps the raw sum
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -170,6 +173,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, imgs):
         """imgs: [B, 3, H, W] -> tokens after the final norm: [B, 1 + N, D] (cls first), as timm's."""
         x = self.patch_embed(imgs)
+        # a cls token although CIM trains none: timm's layout, and fine-tuning pools the patch tokens instead
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.norm(self.blocks(x))
 
@@ -190,6 +194,7 @@ class Generator(nn.Module):
     def __init__(self, img_size, patch_size, vocab_size, embed_dim, depth=4, num_heads=None, shared=None):
         super().__init__()
         num_heads = num_heads or embed_dim // 64
+        # the generator sees the clean image as patch embeddings, the enhancer only the decoded corrupted one (Sec. 2.1)
         own_patch_embed = PatchEmbed(img_size, patch_size, 3, embed_dim)
         blocks = [Block(embed_dim, num_heads) for _ in range(depth)]
         init_vit_weights(nn.ModuleList(blocks + [own_patch_embed]))
@@ -213,7 +218,9 @@ class Generator(nn.Module):
         Only the masked positions are trained and sampled; predicting all N keeps the step free of gathers and
         costs 2% of a ViT-B CIM step on the CPU (README, bench.py)."""
         x = self.patch_embed(imgs)                                                 # [B, N, D]
+        # one learned [MASK] vector stands in for every masked patch, as in BEiT, so the generator must infer its token
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)      # Eq. 1: replace(x, m, [MASK])
+        # positions are added after masking: a [MASK] still knows where it is
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)
@@ -226,6 +233,7 @@ def mim_loss(logits, golden, mask):
     logits: [B, N, V], golden: [B, N] long, mask: [B, N] bool -> (loss, accuracy), 0-dim tensors, both over the
     masked positions only (no host sync: unmasked targets are ignore_index).
     """
+    # unmasked positions are given away by the input, so only the masked ones are scored (BEiT)
     target = torch.where(mask, golden, -100)
     # fp32: a softmax over 8192 codes in bf16 loses the small probabilities the loss is made of
     loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
@@ -245,11 +253,15 @@ def sample_tokens(logits, strategy='softmax', temperature=1.0):
     codebook) are Table 7's ablations, both reported to diverge.
     """
     if strategy == 'softmax':
+        # -log(Exp(1)) is Gumbel(0, 1) noise; fp32 so that bf16 logits do not tie and bias the argmax
+        # (one vectorized draw for every position: no multinomial call per token)
         gumbel = -torch.empty_like(logits, dtype=torch.float32).exponential_().log()
         return (logits.float() / temperature + gumbel).argmax(-1)
     if strategy == 'argmax':
+        # the generator's single best guess: no diversity, which Table 7 reports as diverging
         return logits.argmax(-1)
     if strategy == 'uniform':
+        # ignores the generator: masked positions decode to codes unrelated to the image (Table 7: diverges)
         return torch.randint(logits.shape[-1], logits.shape[:-1], device=logits.device)
     raise ValueError(f"unknown sampling strategy '{strategy}' (choose from {', '.join(SAMPLINGS)})")
 
@@ -261,6 +273,7 @@ def replace_tokens(golden, mask, sampled):
     A token is 'replaced' only where it differs from the golden one: a sample that equals the golden token
     counts as original (Sec. 2.2, as in ELECTRA).
     """
+    # unmasked positions keep their golden tokens: only the masked ones may change (Eq. 2)
     corrupted = torch.where(mask, sampled, golden)
     return corrupted, corrupted != golden
 
@@ -276,6 +289,8 @@ def decode_tokens(tokenizer, tokens, grid, out_size, mean=IMAGENET_MEAN, std=IMA
     enhancer resolution (the paper does not say which; bilinear is BEiT's default resize). Under no_grad: the
     enhancer's gradient never reaches the generator (Sec. 2.3).
     """
+    # the decoder turns local token swaps into non-local, plausible changes of the image (Sec. 2.2): the corruption
+    # the enhancer must see through
     imgs = tokenizer.decode(tokens.view(-1, grid, grid))               # [B, 3, s, s] in [0, 1]
     if imgs.shape[-1] != out_size:
         imgs = F.interpolate(imgs, size=(out_size, out_size), mode='bilinear', align_corners=False)
@@ -293,6 +308,7 @@ def build_enhancer(arch, img_size=224, patch_size=16, drop_path=0.0):
     if arch in VIT_CONFIGS:
         return VisionTransformer(img_size, patch_size, drop_path_rate=drop_path, **VIT_CONFIGS[arch])
     if arch == 'resnet50':
+        # 'the torchvision ResNet-50 without further architectural change' (footnote 5)
         net = torchvision.models.resnet50()  # unchanged (footnote 5); the classifier is unused in pre-training
         net.fc = nn.Identity()
         return net.to(memory_format=torch.channels_last)  # faster convolutions; same parameters
@@ -312,6 +328,7 @@ def enhancer_feature_map(enhancer, imgs):
         ph, pw = enhancer.patch_embed.proj.stride
         return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], imgs.shape[-2] // ph, imgs.shape[-1] // pw)
     r = enhancer
+    # torchvision's forward up to layer4, without its avgpool and fc: the head needs the spatial map
     x = r.maxpool(r.relu(r.bn1(r.conv1(imgs.contiguous(memory_format=torch.channels_last)))))
     return r.layer4(r.layer3(r.layer2(r.layer1(x))))
 
@@ -337,6 +354,8 @@ class PixelShuffleHead(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, feats):
+        # a linear layer per location is a 1x1 convolution; pixel shuffle then places each location's r x r outputs
+        # on its own r x r block, so the head stays 'a simple linear layer' (Sec. 2.2)
         x = self.proj(feats.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # per-location linear
         return F.pixel_shuffle(x, self.upscale)
 
@@ -353,10 +372,12 @@ def sliding_window_stats(imgs, window=8, eps=1e-6):
     """
     x = imgs.float()
     H, W = x.shape[-2:]
+    # stride 1: a window around every pixel (Sec. 2.2), where MAE's patches share one mean/std per patch
     pool = dict(kernel_size=window, stride=1, padding=window // 2)
     mean = F.avg_pool2d(x.mean(1, keepdim=True), count_include_pad=False, **pool)[..., :H, :W]
     sq_mean = F.avg_pool2d((x ** 2).mean(1, keepdim=True), count_include_pad=False, **pool)[..., :H, :W]
     inside = F.avg_pool2d(torch.ones_like(x[:1, :1]), count_include_pad=True, **pool)[..., :H, :W]
+    # E[x^2] - E[x]^2 from two pools (no unfold of H*W windows), rescaled to the unbiased std of the n values
     n = inside * window ** 2 * x.shape[1]  # pixel values in each (cut) window
     return mean, ((sq_mean - mean ** 2).clamp(min=0) * n / (n - 1) + eps).sqrt()
 
@@ -376,12 +397,14 @@ def respix_target(imgs, norm='sliding', patch_size=16):
     """The RESPIX regression target: the clean, mean/std-normalized enhancer view [B, 3, H, W], each pixel
     normalized by its window's statistics (Sec. 2.2: 8x8 sliding window)."""
     mean, std = window_stats(imgs, norm, patch_size)
+    # the clean image's own statistics are the 'template' of Fig. 4: the enhancer learns only the residual
     return (imgs.float() - mean) / std
 
 
 def respix_loss(pred, target):
     """l1 + l2 pixel regression loss (Sec. 2.3), each a mean over all pixels. pred, target: [B, 3, H, W]."""
     pred = pred.float()
+    # l1 and l2 with equal weights: the paper gives none, so both count once
     return F.l1_loss(pred, target) + F.mse_loss(pred, target)
 
 
@@ -390,6 +413,7 @@ def respix_loss(pred, target):
 
 def revdet_loss(logits, replaced):
     """Per-token binary cross-entropy. logits: [B, N], replaced: [B, N] bool -> 0-dim loss."""
+    # every token is scored, replaced or not, as in ELECTRA's discriminator (Sec. 2.2); fp32 for the log-sigmoid
     return F.binary_cross_entropy_with_logits(logits.float(), replaced.float())
 
 
@@ -397,6 +421,7 @@ def revdet_metrics(logits, replaced):
     """Detection accuracy next to what guessing gives, so that learning can be told from guessing: majority_acc
     (always answer the more frequent label) and label_entropy (nats: the BCE of the best constant answer).
     logits: [B, N], replaced: [B, N] bool -> dict of 0-dim tensors."""
+    # p: the batch's share of replaced tokens (~55% with softmax sampling): the base rate to beat
     p = replaced.float().mean()
     return dict(det_acc=((logits.float() > 0) == replaced).float().mean(),
                 majority_acc=torch.maximum(p, 1 - p),
@@ -440,6 +465,7 @@ class CIM(nn.Module):
         self.register_buffer('pixel_mean', torch.tensor(mean), persistent=False)  # on the device, no copy per step
         self.register_buffer('pixel_std', torch.tensor(std), persistent=False)
 
+        # the DALL-E dVAE is used as published and never updated (Sec. 2.3): no gradient, no train-mode behaviour
         self.tokenizer = tokenizer.eval().requires_grad_(False)  # frozen (Fig. 1b lock icon)
         self.enhancer = build_enhancer(arch, img_size, patch_size) if isinstance(arch, str) else arch
         vit = is_vit(self.enhancer)
@@ -452,6 +478,7 @@ class CIM(nn.Module):
             shared = (self.enhancer.patch_embed, self.enhancer.blocks[:2])
         heads = self.enhancer.blocks[0].attn.num_heads if shared else max(1, width // 64)
         self.generator = Generator(img_size, patch_size, tokenizer.vocab_size, width, gen_depth, heads, shared)
+        # the head upsamples the feature grid to its target grid: pixels for RESPIX, tokens for REVDET
         feat_grid = self.grid if vit else img_size // 32
         out_grid = img_size if task == 'respix' else self.grid
         self.feature_map = enhancer_feature_map  # (enhancer, imgs) -> [B, D, h, w]; compile() may swap in its own
