@@ -236,6 +236,7 @@ def run(args, rank, device):
     pbar = engine.progress(total=total_steps, initial=start_step, desc=what)
     model.train()
     for step in range(start_step, total_steps):
+        # the lr is a list indexed by step, not a scheduler object: a resumed run needs nothing but the step count
         for g in optimizer.param_groups:
             g['lr'] = lrs[step] * g['lr_scale']  # warmup + cosine, times the group's layer decay (Table 10)
         host = [next(batches) for _ in range(args.accum_iter)]  # (imgs, labels, n_bad) per micro-batch
@@ -245,11 +246,12 @@ def run(args, rank, device):
         tally.add(loss.view(1), norm, sum(n_bad for _, _, n_bad in host))  # no host sync: on the device until the log
         pbar.update()
 
+        # bookkeeping: every rank runs it in step (close() all-reduces, validation is sharded); rank 0 writes
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
         saving = end_of_epoch or (args.save_every_steps and done % args.save_every_steps == 0)
         if done % args.log_every == 0 or saving:  # a checkpoint closes the interval, so a resume starts a new one
-            # the host sync
+            # tally.close: the interval's one host sync
             record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step], **tally.close(log))
             if engine.is_main():
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
@@ -262,6 +264,7 @@ def run(args, rank, device):
             log['last'] = dict(epoch=epoch, step=done, **m)
             if m['acc1'] > log['best_acc1']:
                 log.update(best_acc1=m['acc1'], best_epoch=epoch)
+                # the weights alone, no optimizer: what a user evaluates or transfers
                 if engine.is_main():
                     engine.atomic_save(dict(model=raw_model.state_dict(), args=vars(args), **log['last']),
                                        os.path.join(args.output_dir, 'checkpoint-best.pth'))
@@ -269,7 +272,7 @@ def run(args, rank, device):
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), log['last'])
                 pbar.write(f"epoch {epoch}/{n_epochs}: val top-1 {m['acc1']:.2f}%  top-5 {m['acc5']:.2f}%  loss "
                            f"{m['val_loss']:.4f}  (best top-1 {log['best_acc1']:.2f}% at epoch {log['best_epoch']})")
-            model.train()
+            model.train()  # validate() left the network in eval mode (BatchNorm statistics, no drop path)
             tally.t0 = time.time()  # img/s of the training steps alone, without the validation
         if saving:
             engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done)

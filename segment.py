@@ -200,6 +200,7 @@ def run(args, rank, device):
     pbar = engine.progress(total=args.max_steps, initial=start_step, desc='train')
     model.train()
     for step in range(start_step, args.max_steps):
+        # the lr is a list indexed by step, not a scheduler object: a resumed run needs nothing but the step count
         for g in optimizer.param_groups:
             g['lr'] = lrs[step] * g['lr_scale']  # poly decay (mmseg), times the group's layer decay (ViT)
         host = [next(batches) for _ in range(args.accum_iter)]  # (imgs, masks, n_bad) per micro-batch
@@ -208,10 +209,12 @@ def run(args, rank, device):
         tally.add(metrics, norm, sum(n_bad for _, _, n_bad in host))  # no host sync: on the device until the log
         pbar.update()
 
+        # bookkeeping: every rank runs it in step (close() all-reduces, evaluation is sharded); rank 0 writes.
+        # Segmentation counts steps, not epochs (BEiT / mmseg's 160k iterations): no epoch boundary here
         done = step + 1
         saving = done == args.max_steps or (args.save_every_steps and done % args.save_every_steps == 0)
         if done % args.log_every == 0 or saving:  # a checkpoint closes the interval, so a resume starts a new one
-            # the host sync
+            # tally.close: the interval's one host sync
             record = dict(step=done, epoch=round(done / steps_per_epoch, 3), lr=lrs[step], **tally.close(log))
             if engine.is_main():
                 engine.log_jsonl(os.path.join(args.output_dir, 'log.jsonl'), record)
@@ -224,6 +227,7 @@ def run(args, rank, device):
             log['last'] = dict(step=done, mIoU=m['mIoU'], aAcc=m['aAcc'], mAcc=m['mAcc'], n_val=m['n_val'])
             if m['mIoU'] > log['best_mIoU']:
                 log.update(best_mIoU=m['mIoU'], best_step=done)
+                # the weights alone, no optimizer: what a user evaluates or transfers
                 if engine.is_main():
                     engine.atomic_save(dict(model=raw_model.state_dict(), args=vars(args), **log['last']),
                                        os.path.join(args.output_dir, 'checkpoint-best.pth'))
@@ -235,7 +239,7 @@ def run(args, rank, device):
                     save_predictions(png, raw_model, val_set, args, device, dtype)
                 pbar.write(f"step {done}/{args.max_steps}: val mIoU {m['mIoU']:.2f}, aAcc {m['aAcc']:.2f}, mAcc "
                            f"{m['mAcc']:.2f} (best mIoU {log['best_mIoU']:.2f} at step {log['best_step']}) {png}")
-            model.train()
+            model.train()  # validate() left the network in eval mode (BatchNorm statistics, no dropout)
             tally.t0 = time.time()  # img/s of the training steps alone, without the evaluation
         if saving:
             engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done)

@@ -182,8 +182,9 @@ def main(argv=None):
     batches = engine.endless_batches(loader, start_step, steps_per_epoch, args.accum_iter)
     pbar = engine.progress(total=total_steps, initial=start_step, desc='train')
     t_epoch = time.time()
-    model.train()
+    model.train()  # reaches the frozen tokenizer too: harmless, dvae.py's networks have no dropout or BatchNorm
     for step in range(start_step, total_steps):
+        # the lr is a list indexed by step, not a scheduler object: a resumed run needs nothing but the step count
         for g in optimizer.param_groups:
             g['lr'] = lrs[step] * g['lr_scale']  # warmup + cosine (Table 9), times a group's scale (1 here)
         batch = [next(batches) for _ in range(args.accum_iter)]  # (views, labels, unreadable files skipped) each
@@ -193,6 +194,7 @@ def main(argv=None):
         tally.add(metrics, norm, sum(n_bad for _, _, n_bad in batch))  # no host sync: on the device until the log
         pbar.update()
 
+        # bookkeeping: every rank runs it in step (close() all-reduces, the save is collective); rank 0 writes
         done = step + 1
         end_of_epoch = done % steps_per_epoch == 0 or done == total_steps
         saving = end_of_epoch or (args.save_every_steps and done % args.save_every_steps == 0)
@@ -210,7 +212,7 @@ def main(argv=None):
                 epoch_totals, log['epoch_totals'] = log['epoch_totals'], None
             engine.save_training_state(raw_model, optimizer, scaler, args, log, step=done, **frozen)
         if end_of_epoch:
-            epoch = -(-done // steps_per_epoch)
+            epoch = -(-done // steps_per_epoch)  # ceil: --max-steps may end the run inside an epoch
             if engine.is_main():
                 minutes = (time.time() - t_epoch) / 60
                 n_steps = done - max(start_step, (epoch - 1) * steps_per_epoch)  # this process's steps of the epoch
